@@ -1,0 +1,83 @@
+"""``lapsam <part> ...``: one command line for all parts.
+
+Each part has a light ``cli`` module with ``register(subparsers)``; it adds its
+subcommands and sets ``func`` (taking the parsed args, returning an exit code). A part
+may also define ``register_bench(bench_subparsers)`` to add ``lapsam bench <name>``. Heavy
+imports (torch, onnx, docker) happen inside ``func``, so ``lapsam --help`` stays fast and
+torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import LapsamError
+
+# (module with register(), what it adds) in the order --help lists them.
+_PART_CLIS: tuple[str, ...] = (
+    "lapsam.datacli",
+    "lapsam.distill.cli",
+    "lapsam.export.cli",
+    "lapsam.runtime.cli",
+    "lapsam.submission.cli",
+    "lapsam.eval.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lapsam",
+        description="Promptable medical image segmentation on a laptop CPU: "
+        "distill SAM2 into a small student, export it, run it, ship it, score it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"lapsam {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="<part>")
+    bench = sub.add_parser("bench", help="benchmarks that print figures (speed ratios, sizes)",
+                           description="Benchmarks: each prints its figures; none asserts timings.")
+    bench.set_defaults(part_parser=bench)
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="<what>")
+    for mod_name in _PART_CLIS:
+        if importlib.util.find_spec(mod_name) is None:
+            continue
+        mod = importlib.import_module(mod_name)
+        mod.register(sub)
+        # A part may add benchmarks under `lapsam bench <name>`.
+        if hasattr(mod, "register_bench"):
+            mod.register_bench(bench_sub)
+    return parser
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    func = getattr(args, "func", None)
+    if func is None:
+        # A part given without a subcommand prints that part's help.
+        (getattr(args, "part_parser", None) or parser).print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(func(args) or 0)
+    except LapsamError as exc:
+        logging.getLogger("lapsam").error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
