@@ -1,0 +1,76 @@
+"""Export-friendly wrappers around a :class:`~lapsam.distill.model.LapSam`.
+
+:class:`EncoderGraph` is the student encoder as is. :class:`DecoderGraph` puts SAM2's prompt
+encoder inside the decoder graph and takes the fixed input set of the graph contract in
+``lapsam.manifest``: boxes (B, 4), points (B, P, 2) + labels (B, P) with P possibly 0,
+``mask_input`` (B, 1, L, L) and ``has_mask_input`` (B,). It computes exactly what
+``LapSam.decode(..., repeat_image=True)`` computes:
+
+* a box becomes two corner points labelled 2 and 3, placed before the clicks, and a padding
+  point (label -1) is appended, as SAM2's prompt encoder does when no separate box is given;
+* the dense prompt is ``mask_downscaling(mask_input)`` where ``has_mask_input`` is 1 and
+  ``no_mask_embed`` where it is 0 (a blend, so one graph serves both cases);
+* the dense positional encoding is a constant of the graph (it depends only on the grid).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class EncoderGraph(nn.Module):
+    """``image`` (1, 3, S, S) -> (image_embed, high_res_feats_0, high_res_feats_1)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.image_encoder = model.image_encoder
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.image_encoder(image)
+
+
+class DecoderGraph(nn.Module):
+    """Prompt encoder + mask decoder with the manifest's decoder inputs and outputs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.prompt_encoder = model.prompt_encoder
+        self.mask_decoder = model.mask_decoder
+        # Constant of the graph: dense PE of the embedding grid (1, 256, E, E).
+        self.register_buffer("dense_pe", model.prompt_encoder.get_dense_pe().detach().clone(), persistent=False)
+
+    def forward(
+        self,
+        image_embed: torch.Tensor,
+        high_res_feats_0: torch.Tensor,
+        high_res_feats_1: torch.Tensor,
+        boxes: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        has_mask_input: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pe = self.prompt_encoder
+        b = boxes.shape[0]
+        corners = boxes.reshape(-1, 2, 2)
+        corner_labels = torch.tensor([2.0, 3.0], dtype=torch.float32).reshape(1, 2).expand(b, 2)
+        coords = torch.cat([corners, point_coords], dim=1)
+        labels = torch.cat([corner_labels, point_labels.to(torch.float32)], dim=1)
+        sparse = pe._embed_points(coords, labels, pad=True)
+
+        has = has_mask_input.to(torch.float32).reshape(-1, 1, 1, 1)
+        mask_embed = pe.mask_downscaling(mask_input)
+        no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        dense = has * mask_embed + (1.0 - has) * no_mask
+
+        out = self.mask_decoder(
+            image_embeddings=image_embed,
+            image_pe=self.dense_pe,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+            repeat_image=True,
+            high_res_features=[high_res_feats_0, high_res_feats_1],
+        )
+        return out[0], out[1]
