@@ -1,0 +1,117 @@
+"""``lapsam eval metrics|timing|report``: score predictions, time a submission image, report both."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger("lapsam.eval")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="metrics (DSC/NSD), the official timing protocol, reports",
+                       description="Evaluate segmentations and submission images as the CVPR 2024 organisers do.")
+    p.set_defaults(part_parser=p)
+    esub = p.add_subparsers(dest="eval_command", metavar="<command>")
+
+    m = esub.add_parser(
+        "metrics",
+        help="DSC and NSD per case and label, means per modality",
+        description="Score every reference in GTS_DIR (key 'gts') against the prediction of the same name in "
+        "SEGS_DIR (key 'segs'). Writes OUT (case,dsc,nsd as the organisers' CSV), OUT_labels.csv (per label) "
+        "and OUT.md; prints the tables. Missing or malformed predictions are failures scored 0.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="modes:\n"
+        "  challenge  the organisers' compute_metrics.py: labels 1..max(gt), NSD only when case DSC > 0.2,\n"
+        "             2D as one-slice 3D slabs with spacing [1,1,1], 3D spacing in stored (x,y,z) order\n"
+        "  exact      2D as true 2D contours, 3D spacing reordered to the array's (z,y,x), NSD always,\n"
+        "             labels empty in both masks left out of the case mean",
+    )
+    m.add_argument("-s", "--segs", dest="segs_dir", type=Path, required=True, help="folder of predictions (.npz, key 'segs')")
+    m.add_argument("-g", "--gts", dest="gts_dir", type=Path, required=True, help="folder of references (.npz, key 'gts')")
+    m.add_argument("-o", "--output", type=Path, default=Path("metrics.csv"), help="CSV to write (default: metrics.csv)")
+    m.add_argument("--mode", choices=("challenge", "exact"), default="challenge", help="scoring semantics (default: challenge)")
+    m.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm (default: 2.0)")
+    m.add_argument("-j", "--workers", type=int, default=1, help="processes scoring cases in parallel (default: 1)")
+    m.set_defaults(func=cmd_metrics)
+
+    t = esub.add_parser(
+        "timing",
+        help="time a submission image with the official per-case docker protocol",
+        description="For each case: copy it alone into an empty inputs/ folder, run `docker container run -m 8G "
+        "--name NAME --rm -v inputs/:/workspace/inputs/ -v outputs/:/workspace/outputs/ IMAGE /bin/bash -c "
+        "\"sh predict.sh\"`, time it, check outputs/<case name>. Writes OUT_DIR/NAME/NAME_running_time.csv "
+        "(CaseName,RunningTime), the segmentations next to it, and OUT_DIR/timing.md. With --compare the two "
+        "images alternate case by case (A B A B) and the table shows the per-case ratio B/A. "
+        "Exit code 1 if any run failed.",
+    )
+    t.add_argument("--image", required=True, help="image tag known to docker, or a saved .tar/.tar.gz (docker load-ed)")
+    t.add_argument("--cases", type=Path, required=True, help="folder of input cases (.npz)")
+    t.add_argument("--compare", help="a second image (tag or .tar/.tar.gz) to alternate with")
+    t.add_argument("-o", "--output", type=Path, default=Path("timing"), help="output folder (default: ./timing)")
+    t.add_argument("--memory", default="8G", help="container memory limit, as the organisers' -m 8G (default: 8G)")
+    t.add_argument("--timeout", type=float, default=None, help="kill a case's container after this many seconds")
+    t.add_argument("--clean-outputs", action="store_true",
+                   help="empty outputs/ before every case (the official timer does not: caches left there persist)")
+    t.add_argument("--network", default=None,
+                   help="add --network NAME to the run (e.g. none); the official command has no such flag")
+    t.add_argument("--keep-work", action="store_true", help="keep the inputs/outputs work folders afterwards")
+    t.set_defaults(func=cmd_timing)
+
+    r = esub.add_parser(
+        "report",
+        help="markdown report with plots, joining metrics and running time",
+        description="Join a metrics CSV (case,dsc,nsd) with running-time CSVs (CaseName,RunningTime) per case and "
+        "per modality; write report.md and PNG plots into OUT_DIR.",
+    )
+    r.add_argument("--metrics", type=Path, required=True, help="metrics CSV from `lapsam eval metrics`")
+    r.add_argument("--timing", type=Path, help="NAME_running_time.csv of image A")
+    r.add_argument("--compare-timing", type=Path, help="NAME_running_time.csv of image B (needs --timing)")
+    r.add_argument("-o", "--output", type=Path, default=Path("report"), help="report folder (default: ./report)")
+    r.set_defaults(func=cmd_report)
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from .metrics import MetricsConfig, evaluate_folder, print_tables, write_outputs
+
+    try:
+        cfg = MetricsConfig(mode=args.mode, tolerance=args.tolerance)
+        result = evaluate_folder(args.segs_dir, args.gts_dir, cfg, workers=max(1, args.workers),
+                                 progress=not getattr(args, "quiet", False))
+    except (ValueError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    paths = write_outputs(result, args.output, args.segs_dir, args.gts_dir)
+    print(print_tables(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_timing(args: argparse.Namespace) -> int:
+    from .timing import DockerError, run_protocol, timing_table, write_timing_markdown
+
+    images = [args.image] + ([args.compare] if args.compare else [])
+    try:
+        result = run_protocol(images, args.cases, args.output, memory=args.memory, timeout=args.timeout,
+                              clean_outputs=args.clean_outputs, keep_work=args.keep_work,
+                              progress=not getattr(args, "quiet", False), network=args.network)
+    except (DockerError, FileNotFoundError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    md = write_timing_markdown(result, args.output)
+    print(timing_table(result))
+    print("wrote " + ", ".join([str(r.csv_path) for r in result.runners] + [str(md)]))
+    return 1 if result.failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    try:
+        path = build_report(args.metrics, args.output, args.timing, args.compare_timing)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        log.error("%s", exc)
+        return 2
+    print(f"wrote {path}")
+    return 0

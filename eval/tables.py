@@ -1,0 +1,97 @@
+"""Small helpers shared by the eval commands: number formatting, markdown tables, atomic text files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def is_nan(x: Any) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+    """A number for a table: fixed decimals, ``nan`` for NaN, ``-`` for None."""
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.{digits}f}"
+    return str(x)
+
+
+def csv_float(x: float | None, digits: int | None = 4) -> str:
+    """A float as pandas would write it after ``np.round(x, digits)``: ``0.9545``, ``1.0``, NaN -> empty."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    v = float(x) if digits is None else round(float(x), digits)
+    return repr(v)
+
+
+def parse_float(s: str) -> float:
+    s = (s or "").strip()
+    if not s or s.lower() == "nan":
+        return float("nan")
+    return float(s)
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align_right: Sequence[bool] | None = None) -> str:
+    """A GitHub markdown table; cells are formatted with :func:`fmt` unless already strings."""
+    cells = [[c if isinstance(c, str) else fmt(c) for c in row] for row in rows]
+    if align_right is None:
+        align_right = [i > 0 for i in range(len(headers))]
+    sep = ["---:" if r else "---" for r in align_right]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(sep) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+    return "\n".join(lines) + "\n"
+
+
+def text_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A plain aligned table for the terminal."""
+    cells = [[c if isinstance(c, str) else fmt(c) for c in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    def line(vals: Sequence[str]) -> str:
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths, strict=True)))
+    out = [line(list(headers)), line(["-" * w for w in widths])]
+    out += [line(row) for row in cells]
+    return "\n".join(out) + "\n"
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a text file so that it is either absent, the old one, or complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fp:
+            fp.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def csv_text(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(headers)
+    for row in rows:
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def read_csv_rows(path: str | Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fp:
+        return list(csv.DictReader(fp))
