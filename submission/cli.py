@@ -1,0 +1,213 @@
+"""``lapsam submission build|save|verify|context`` and ``lapsam bench submission``."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_TAG = "lapsam:latest"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "submission",
+        help="build, save and verify the challenge Docker image",
+        description="Build the challenge image (offline, from a wheelhouse), save it as NAME.tar.gz, "
+        "and verify it the way the organisers run it (one case per fresh container, -m 8G).",
+    )
+    p.set_defaults(part_parser=p)
+    s = p.add_subparsers(dest="submission_command", metavar="<command>")
+
+    b = s.add_parser("build", help="build the image from the repo's Dockerfile with a model baked in",
+                     description="Prepare the build context (runtime wheels for Python 3.11 manylinux, a "
+                     "lapsam wheel without extras, the model) and docker build it, streaming the log.")
+    b.add_argument("--model", type=Path, required=True, help="exported model folder (with manifest.json)")
+    b.add_argument("--tag", default=DEFAULT_TAG, help=f"image tag (default {DEFAULT_TAG})")
+    b.add_argument("--base-image", default=None,
+                   help="base image: python:3.11-slim (default, needs Docker Hub) or the offline "
+                   "lapsam-base:bookworm from submission/make-base-image.sh")
+    b.add_argument("--repo", type=Path, default=None, help="lapsam source tree (default: found from this install)")
+    b.add_argument("--context", type=Path, default=None,
+                   help="keep the prepared build context in this folder (default: a temporary folder)")
+    b.add_argument("--no-compile-cache", action="store_true",
+                   help="do not fill OpenVINO's compiled-model cache at build time")
+    b.add_argument("--uid", type=int, default=1000, help="uid of the image's non-root user (default 1000)")
+    b.add_argument("--only-backend", choices=["openvino", "onnx"], default=None,
+                   help="ship only this backend's model files (predict.sh runs openvino); default: all")
+    b.set_defaults(func=cmd_build)
+
+    c = s.add_parser("context", help="only prepare the build context (then: docker build -t NAME DIR)",
+                     description="Lay out the build context that the Dockerfile expects, for a plain docker build.")
+    c.add_argument("--model", type=Path, required=True, help="exported model folder (with manifest.json)")
+    c.add_argument("-o", "--out", type=Path, required=True, help="folder to create or refresh")
+    c.add_argument("--repo", type=Path, default=None, help="lapsam source tree (default: found from this install)")
+    c.add_argument("--only-backend", choices=["openvino", "onnx"], default=None,
+                   help="ship only this backend's model files; default: all")
+    c.set_defaults(func=cmd_context)
+
+    sv = s.add_parser("save", help="docker save NAME | gzip > NAME.tar.gz",
+                      description="Save the image as a gzip-compressed tar, as the challenge asks.")
+    sv.add_argument("--tag", default=DEFAULT_TAG, help=f"image tag (default {DEFAULT_TAG})")
+    sv.add_argument("-o", "--out", type=Path, default=None, help="output file (default NAME.tar.gz)")
+    sv.set_defaults(func=cmd_save)
+
+    v = s.add_parser("verify", help="run each case in a fresh container as the organisers do and check it",
+                     description="One case per fresh container: -m 8G, --network none, inputs/outputs mounted, "
+                     "/bin/bash -c 'sh predict.sh'. Checks file name, key segs, shape, dtype, labels 0..N; "
+                     "prints per-case wall time. Exit code 1 if any case fails.")
+    src = v.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tag", help="image tag to run")
+    src.add_argument("--tar", type=Path, help="NAME.tar.gz to docker load first")
+    v.add_argument("--cases", type=Path, required=True, help="folder of .npz cases (or one case)")
+    v.add_argument("--timeout", type=float, default=900.0, help="seconds per case before the container is killed")
+    v.set_defaults(func=cmd_verify)
+
+
+def register_bench(bench_sub: argparse._SubParsersAction) -> None:
+    b = bench_sub.add_parser(
+        "submission",
+        help="container start-up cost and per-case wall time, with/without the in-image compile cache",
+        description="Alternates runs A (compile cache in the image) and B (LAPSAM_OV_CACHE_DIR unset) "
+        "in fresh containers: an empty inputs folder (pure start-up) and each given case.",
+    )
+    b.add_argument("--tag", default=DEFAULT_TAG, help=f"image tag (default {DEFAULT_TAG})")
+    b.add_argument("--cases", type=Path, nargs="*", default=[], help="case files to time as well")
+    b.add_argument("--repeats", type=int, default=3, help="A/B pairs per input (default 3)")
+    b.add_argument("--vs-tag", default=None,
+                   help="B = this image as it is (e.g. built with --no-compile-cache) instead of "
+                   "--tag with LAPSAM_OV_CACHE_DIR unset")
+    b.set_defaults(func=cmd_bench)
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def cmd_context(args: argparse.Namespace) -> int:
+    from .context import prepare_context
+
+    backends = (args.only_backend,) if args.only_backend else None
+    out = prepare_context(args.model, args.out, repo=args.repo, backends=backends)
+    _print(f"build context ready: {out}\n  docker build -t NAME:latest --build-arg BASE_IMAGE=IMG {out}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .context import prepare_context
+    from .image import DEFAULT_BASE, build_image, docker_client, ensure_base_image, human_size
+
+    client = docker_client()
+    base = args.base_image or DEFAULT_BASE
+    ensure_base_image(base, client)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lapsam-context-") as tmp:
+        backends = (args.only_backend,) if args.only_backend else None
+        ctx = prepare_context(args.model, args.context or Path(tmp) / "context", repo=args.repo,
+                              backends=backends)
+        _print(f"context: {ctx} ({time.perf_counter() - t0:.1f} s); building {args.tag} from {base}")
+        res = build_image(
+            ctx, args.tag, base_image=base, client=client, on_log=_print,
+            build_args={"COMPILE_CACHE": "0" if args.no_compile_cache else "1", "UID": str(args.uid)},
+        )
+    _print(f"built {res.tag} ({res.image_id[:19]}): {human_size(res.size_bytes)} uncompressed, "
+           f"{time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def default_tar_name(tag: str) -> Path:
+    name = tag.rsplit("/", 1)[-1].split(":", 1)[0]
+    return Path(f"{name}.tar.gz")
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    from .image import human_size, image_size, save_image
+
+    out = args.out or default_tar_name(args.tag)
+    t0 = time.perf_counter()
+    save_image(args.tag, out)
+    _print(f"saved {args.tag} -> {out}: {human_size(out.stat().st_size)} (.tar.gz), "
+           f"{human_size(image_size(args.tag))} uncompressed, {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .image import docker_client, load_image
+    from .verify import official_command_line, verify_cases
+
+    client = docker_client()
+    tag = args.tag
+    if args.tar is not None:
+        tags = load_image(args.tar, client=client)
+        tag = tags[0]
+        _print(f"loaded {args.tar}: {', '.join(tags)}")
+    _print(f"verifying {tag}, one fresh container per case:\n  {official_command_line(tag)}")
+
+    def show(r) -> None:  # type: ignore[no-untyped-def]
+        _print(f"{r.status:12s} {r.wall_s:8.2f} s  {r.name}" + (f"  | {'; '.join(r.problems)}" if r.problems else ""))
+        if not r.ok and r.log_tail.strip():
+            last = r.log_tail.strip().splitlines()[-3:]
+            for line in last:
+                _print(f"{'':14s}log: {line}")
+
+    results = verify_cases(args.cases, tag, client=client, timeout_s=args.timeout, on_result=show)
+    passed = sum(r.ok for r in results)
+    total_t = sum(r.wall_s for r in results)
+    _print(f"{passed}/{len(results)} cases passed; total wall time {total_t:.2f} s")
+    return 0 if passed == len(results) else 1
+
+
+_MODEL_LOAD = re.compile(r"model load ([0-9.]+) s")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import statistics
+
+    from .image import docker_client, human_size, image_size
+    from .verify import time_case_run, time_empty_run
+
+    client = docker_client()
+    # variant -> (image, environment overrides)
+    variants: dict[str, tuple[str, dict[str, str] | None]] = {
+        "A cache": (args.tag, None),
+        "B no cache": (args.vs_tag, None) if args.vs_tag else (args.tag, {"LAPSAM_OV_CACHE_DIR": ""}),
+    }
+    inputs: list[tuple[str, Path | None]] = [("(empty inputs)", None)] + [(p.name, p) for p in args.cases]
+    walls: dict[tuple[str, str], list[float]] = {}
+    loads: dict[tuple[str, str], list[float]] = {}
+    for v, (tag, env) in variants.items():
+        _print(f"{v}: image {tag} ({human_size(image_size(tag, client))} uncompressed)"
+               + (f", env {env}" if env else ""))
+    _print(f"{args.repeats} A/B pairs per input (A B A B ...), fresh container each run")
+    for rep in range(args.repeats):
+        for label, path in inputs:
+            for v, (tag, env) in variants.items():
+                r = (time_empty_run(tag, client, env) if path is None
+                     else time_case_run(tag, path, client, env))
+                # An empty inputs folder may end with a non-zero exit ("no cases"): still a start-up time.
+                if r.exit_code != 0 and path is not None:
+                    _print(f"run failed ({v}, {label}): exit {r.exit_code}\n{r.log_tail}")
+                    return 1
+                walls.setdefault((label, v), []).append(r.wall_s)
+                m = _MODEL_LOAD.findall(r.log_tail)
+                if m:
+                    loads.setdefault((label, v), []).append(float(m[-1]))
+                _print(f"  rep {rep + 1} {v:10s} {label}: {r.wall_s:.2f} s (exit {r.exit_code}"
+                       + (f", model load {m[-1]} s" if m else "") + ")")
+    _print(f"{'input':45s} {'variant':10s} {'wall median':>11s} {'min':>6s} {'model load med':>14s}  runs")
+    for label, _ in inputs:
+        for v in variants:
+            t = walls[(label, v)]
+            ml = loads.get((label, v))
+            mls = f"{statistics.median(ml):14.2f}" if ml else f"{'-':>14s}"
+            _print(f"{label:45s} {v:10s} {statistics.median(t):11.2f} {min(t):6.2f} {mls}  {len(t)}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from lapsam.cli import main
+
+    sys.exit(main(["submission", *sys.argv[1:]]))
