@@ -34,7 +34,7 @@ def _line(s: dict) -> str:
         parts.append(f"click-classes={s['clicks']}")
     if s["prev_pred"]:
         parts.append("prev_pred")
-    for i, msg in s["box_errors"].items():
+    for msg in s["box_errors"].values():
         parts.append(f"| box error: {msg}")
     for w in s["warnings"]:
         parts.append(f"| warning: {w}")

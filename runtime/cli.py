@@ -1,0 +1,122 @@
+"""``lapsam predict`` (run a model on a folder of cases) and ``lapsam bench runtime``.
+
+Light module: numpy/onnxruntime/openvino are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from lapsam.errors import LapsamError
+
+MODEL_ENV = "LAPSAM_MODEL_DIR"
+
+
+def default_model_dir() -> Path:
+    """``$LAPSAM_MODEL_DIR``, else the bundled ``models/default`` (next to the package), else an error."""
+    env = os.environ.get(MODEL_ENV)
+    if env:
+        return Path(env)
+    import lapsam
+
+    bundled = Path(lapsam.__file__).resolve().parents[1] / "models" / "default"
+    if (bundled / "manifest.json").is_file():
+        return bundled
+    raise LapsamError(
+        f"no model given: pass --model DIR, set {MODEL_ENV}, or export one to {bundled} "
+        "(lapsam export ...)"
+    )
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("openvino", "onnxruntime"), default="openvino",
+                   help="inference engine (default: openvino)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: CPUs available to this process: affinity and cgroup quota)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                   help="which exported variant of the model to run (default: fp32)")
+    p.add_argument("--precision-hint", choices=("f32", "bf16"), default=None,
+                   help="OpenVINO INFERENCE_PRECISION_HINT (default: the plugin's choice; bf16 only helps on "
+                        "CPUs with AMX/AVX512-BF16)")
+    p.add_argument("--cache-dir", default=None,
+                   help="OpenVINO compiled-model cache folder (default: $LAPSAM_OV_CACHE_DIR; unset: no cache)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="segment every .npz case of a folder with an exported model (torch-free)",
+        description="Run an exported lapsam model on every challenge .npz in INPUT_DIR and write "
+        "OUTPUT_DIR/<same name>.npz with key 'segs' (written atomically). 3D cases encode each slice "
+        "at most once and propagate every box from its middle slice. Exit code 1 if any case failed.",
+    )
+    p.add_argument("-i", "--input", required=True, type=Path, help="folder of .npz cases (or one .npz file)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="folder for the segs .npz files")
+    p.add_argument("--model", type=Path, default=None,
+                   help=f"exported model folder with manifest.json (default: ${MODEL_ENV}, else models/default)")
+    add_engine_args(p)
+    p.add_argument("--decoder-batch", type=int, default=16, help="boxes per decoder call (default 16)")
+    p.add_argument("--margin", type=int, default=2,
+                   help="3D: pixels added around the previous slice's mask box for the next prompt (default 2)")
+    p.add_argument("--on-empty", choices=("box", "stop"), default="box",
+                   help="3D: when a mask vanishes, prompt the next slice with the given box (default) or stop")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .run import PredictOptions, predict_folder
+
+    model = args.model or default_model_dir()
+    opts = PredictOptions(
+        backend=args.backend,
+        threads=args.threads,
+        precision=args.precision,
+        precision_hint=args.precision_hint,
+        cache_dir=args.cache_dir,
+        decoder_batch=args.decoder_batch,
+        margin_px=args.margin,
+        on_empty=args.on_empty,
+        progress=not args.no_progress,
+    )
+    summary = predict_folder(args.input, args.output, model, opts)
+    print(f"{summary.total} case(s): {summary.ok} ok, {summary.failed} failed; total {summary.seconds:.2f} s "
+          f"(model load {summary.load_seconds:.2f} s)")
+    for name, why in summary.failures.items():
+        print(f"FAILED {name}: {why}")
+    return 0 if summary.failed == 0 and summary.total > 0 else 1
+
+
+def register_bench(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser(
+        "runtime",
+        help="speed of the runtime: engines, per-case wall time, overhead, RSS, naive-pipeline speed-up, cold start",
+        description="Build challenge-sized cases (CHALLENGE.md section 1 shapes and object counts) by resampling "
+        "the shared real cases, run them through the predictor and through a naive pipeline (every slice "
+        "re-encoded for every box, one decoder call per box and slice) with the same model, each case in a "
+        "child process, and print the figures (optionally appending them to BENCHMARKS.md).",
+    )
+    p.add_argument("--model", type=Path, default=None,
+                   help="exported model folder (default: export a random repvit_m0_9@512 student to a temp dir)")
+    p.add_argument("--backends", default="openvino,onnxruntime", help="comma list (default: both)")
+    p.add_argument("--hints", default="f32,bf16", help="OpenVINO precision hints to try (default f32,bf16)")
+    p.add_argument("--cases", default=None,
+                   help="comma list of case names to run (e.g. 3DBox_MR_0121,2DBox_US); default: all 14")
+    p.add_argument("--quick", action="store_true",
+                   help="a small subset (3 light cases), no naive run on 3D cases above 60 (box, slice) pairs")
+    p.add_argument("--naive-max-pairs", type=int, default=None,
+                   help="skip the naive pipeline on cases with more (box, slice) pairs than this "
+                        "(its time is then estimated from the engine timings and marked 'est')")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: available CPUs)")
+    p.add_argument("--data", type=Path, default=None, help="folder of real cases to resample (default demo/data/imgs)")
+    p.add_argument("--write", type=Path, default=None, help="append the figures as markdown to this file")
+    p.add_argument("--note", default="", help="text added to the markdown (machine load, what else ran)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)

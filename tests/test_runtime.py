@@ -1,0 +1,357 @@
+"""Runtime scheduling and post-processing with fake engines (no model files, fast).
+
+The fake engine "sees" the image: its embedding carries the downsampled first input
+channel, and its decoder returns positive logits where the image is bright AND inside the
+prompt box. So masks follow a synthetic object, and propagation/vanishing can be tested.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from lapsam.runtime import Predictor, PredictorConfig, predict_folder
+from lapsam.runtime.cache import EmbeddingCache
+from lapsam.runtime.cpus import available_cpus, cgroup_cpu_limit
+from lapsam.runtime.run import PredictOptions
+
+from lapsam.case import case_from_arrays
+from lapsam.manifest import Preprocessing
+from lapsam.preprocess import resize_2d
+
+S = 128  # fake model input size
+PP = Preprocessing(input_size=S)
+
+
+class FakeEngine:
+    """Records every call; masks = bright pixels inside the prompt box."""
+
+    def __init__(self) -> None:
+        self.encoded: list[str] = []
+        self.decode_batches: list[np.ndarray] = []
+
+    def encode(self, image: np.ndarray):
+        assert image.shape == (1, 3, S, S) and image.dtype == np.float32
+        self.encoded.append(hashlib.sha1(image.tobytes()).hexdigest())
+        e = S // 16
+        embed = np.zeros((1, 256, e, e), np.float32)
+        hr0 = np.zeros((1, 32, 4 * e, 4 * e), np.float32)
+        hr0[0, 0] = resize_2d(image[0, 0], (4 * e, 4 * e))  # brightness at the low-res grid
+        return embed, hr0, np.zeros((1, 64, 2 * e, 2 * e), np.float32)
+
+    def decode(self, feats, boxes, point_coords, point_labels, mask_input, has_mask_input):
+        b = boxes.shape[0]
+        low = feats[1].shape[-1]
+        assert point_coords.shape == (b, 0, 2) and point_labels.shape == (b, 0)
+        assert mask_input.shape == (b, 1, low, low) and has_mask_input.shape == (b,)
+        self.decode_batches.append(boxes.copy())
+        bright = feats[1][0, 0] > 0.0
+        scale = low / S
+        yy, xx = np.mgrid[0:low, 0:low] + 0.5
+        out = np.full((b, 1, low, low), -10.0, np.float32)
+        for i, (x0, y0, x1, y1) in enumerate(boxes * scale):
+            inside = (xx >= x0) & (xx <= x1 + scale) & (yy >= y0) & (yy <= y1 + scale)
+            out[i, 0][inside & bright] = 10.0
+        return out, np.ones((b, 1), np.float32)
+
+
+def make_predictor(**cfg) -> tuple[Predictor, FakeEngine]:
+    eng = FakeEngine()
+    return Predictor(eng, PP, PredictorConfig(**cfg)), eng
+
+
+def case3d(img: np.ndarray, boxes: list[list[int]], name: str = "3DBox_CT_fake"):
+    return case_from_arrays(f"{name}.npz", {"imgs": img, "boxes": np.array(boxes, np.int64),
+                                            "spacing": np.array([1.0, 1.0, 1.0])})
+
+
+def case2d(img: np.ndarray, boxes: list[list[int]] | np.ndarray, name: str = "2DBox_US_fake"):
+    return case_from_arrays(f"{name}.npz", {"imgs": img, "boxes": np.asarray(boxes, np.int64)})
+
+
+def unique_volume(d: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Dark noise (every slice distinct, so encoder inputs can be told apart)."""
+    return np.random.default_rng(seed).integers(0, 40, (d, h, w), dtype=np.uint8)
+
+
+def sphere(vol: np.ndarray, c: tuple[int, int, int], r: float) -> np.ndarray:
+    d, h, w = vol.shape
+    z, y, x = np.ogrid[:d, :h, :w]
+    m = (z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= r * r
+    vol[m] = 250
+    return m
+
+
+def bbox3d(m: np.ndarray) -> list[int]:
+    z, y, x = np.nonzero(m)
+    return [int(x.min()), int(y.min()), int(z.min()), int(x.max()), int(y.max()), int(z.max())]
+
+
+# ---- 2D -----------------------------------------------------------------------------------
+def test_2d_one_encode_chunked_decode_overlap_and_labels():
+    img = np.zeros((96, 128, 3), np.uint8)
+    img[10:50, 10:60] = 255
+    img[30:80, 40:120] = 255
+    boxes = [[10, 10, 59, 49], [40, 30, 119, 79], [0, 0, 5, 5]] + [[100, 5, 110, 12]] * 4
+    pred, eng = make_predictor(decoder_batch=3)
+    segs = pred.predict(case2d(img, boxes))
+    assert segs.shape == (96, 128) and segs.dtype == np.uint8
+    assert len(eng.encoded) == 1
+    assert pred.last_report.decoder_calls == math.ceil(len(boxes) / 3) == len(eng.decode_batches)
+    assert sorted(b.shape[0] for b in eng.decode_batches) == [1, 3, 3]
+    # overlap [30:50, 40:60] belongs to the later box (label 2); label 1 keeps the rest of its square
+    assert (segs[34:46, 44:56] == 2).all()
+    assert (segs[14:26, 14:36] == 1).all()
+    assert (segs[36:76, 64:116] == 2).all()
+    # box 3 covers a dark region: empty; nothing outside the bright regions
+    assert not (segs == 3).any()
+    assert not segs[84:].any() and not segs[54:, :36].any() and not segs[:26, 66:].any()
+
+
+def test_2d_box_outside_image_is_skipped_and_reported():
+    img = np.full((64, 64, 3), 255, np.uint8)
+    pred, eng = make_predictor()
+    case = case2d(img, [[500, 500, 600, 600], [4, 4, 20, 20]])
+    assert 0 in case.box_errors
+    segs = pred.predict(case)
+    assert pred.last_report.skipped_boxes.keys() == {0}
+    assert not (segs == 1).any() and (segs == 2).any()
+    assert sum(b.shape[0] for b in eng.decode_batches) == 1
+
+
+def test_2d_many_boxes_uint16_and_large_image_bounded_batches():
+    # 300 boxes -> uint16 labels; a 1920 x 2560 image like the 241-object microscopy case
+    h, w = 1920, 2560
+    img = np.zeros((h, w, 3), np.uint8)
+    boxes = []
+    for k in range(300):
+        y, x = 40 + (k // 20) * 120, 40 + (k % 20) * 120
+        img[y : y + 60, x : x + 60] = 255
+        boxes.append([x, y, x + 59, y + 59])
+    pred, eng = make_predictor(decoder_batch=16)
+    segs = pred.predict(case2d(img, boxes, "2DBox_Microscope_big"))
+    assert segs.dtype == np.uint16
+    assert len(eng.encoded) == 1 and len(eng.decode_batches) == math.ceil(300 / 16)
+    assert max(b.shape[0] for b in eng.decode_batches) == 16
+    assert set(np.unique(segs)) == set(range(301))
+    assert (segs[40 + 14 * 120 + 30, 40 + 19 * 120 + 30]) == 300
+
+
+# ---- 3D -----------------------------------------------------------------------------------
+def test_3d_each_slice_encoded_once_and_decoder_calls_counted():
+    d, h, w = 40, 48, 48
+    vol = unique_volume(d, h, w)
+    # boxes with different middles, one disjoint range leaving a gap of unencoded slices
+    boxes = [[5, 5, 2, 30, 30, 20], [10, 10, 8, 40, 40, 25], [0, 0, 5, 20, 20, 9], [20, 20, 32, 40, 40, 38]]
+    pred, eng = make_predictor(decoder_batch=2)
+    pred.predict(case3d(vol, boxes))
+    r = pred.last_report
+    union = set()
+    for b in boxes:
+        union |= set(range(b[2], b[5] + 1))
+    assert len(eng.encoded) == len(set(eng.encoded)) == len(union) == r.encoder_calls == r.slices_needed
+    # independent count of decoder calls: sweep up over middle..z_max, sweep down over z_min..middle-1
+    mids = [(b[2] + b[5]) // 2 for b in boxes]
+    expect = 0
+    for z in range(d):
+        up = sum(1 for b, m in zip(boxes, mids, strict=False) if m <= z <= b[5])
+        down = sum(1 for b, m in zip(boxes, mids, strict=False) if b[2] <= z < m)
+        expect += math.ceil(up / 2) + math.ceil(down / 2)
+    assert r.decoder_calls == expect == len(eng.decode_batches)
+    assert r.decoder_items == sum(b[5] - b[2] + 1 for b in boxes)
+    # the cache only ever holds slices between the lowest and highest middle slice
+    assert 0 < r.cache_peak_slices <= max(mids) - min(mids)
+    assert r.reencoded == 0
+
+
+def test_3d_propagation_follows_object_and_respects_z_range():
+    d, h, w = 30, 64, 64
+    vol = unique_volume(d, h, w, 1)
+    obj = sphere(vol, (15, 30, 32), 10)
+    box = bbox3d(obj)
+    pred, _ = make_predictor(margin_px=2)
+    segs = pred.predict(case3d(vol, [box]))
+    pred_m = segs == 1
+    dice = 2 * (pred_m & obj).sum() / (pred_m.sum() + obj.sum())
+    assert dice > 0.9
+    assert not pred_m[: box[2]].any() and not pred_m[box[5] + 1 :].any()
+
+
+def test_3d_prompt_is_previous_mask_bbox_plus_margin():
+    d, h, w = 12, 64, 64
+    vol = unique_volume(d, h, w, 2)
+    vol[:, 20:40, 24:44] = 250  # a bright bar: same 20 x 20 square on every slice
+    given = [10, 10, 3, 54, 54, 9]  # much larger than the object
+    pred, eng = make_predictor(margin_px=3, decoder_batch=4)
+    pred.predict(case3d(vol, [given]))
+    sx = S / w
+    first, second = eng.decode_batches[0][0], eng.decode_batches[1][0]
+    np.testing.assert_allclose(first, np.array([10, 10, 54, 54]) * sx)  # middle slice: the given box
+    np.testing.assert_allclose(second, np.array([24 - 3, 20 - 3, 43 + 3, 39 + 3]) * sx)  # mask bbox + margin
+
+
+@pytest.mark.parametrize("on_empty", ["box", "stop"])
+def test_3d_vanishing_mask_policy(on_empty: str):
+    d, h, w = 20, 48, 48
+    vol = unique_volume(d, h, w, 3)
+    vol[:, 14:34, 14:34] = 250
+    vol[14] = 5  # the object disappears on slice 14 (between middle 10 and z_max 18)
+    vol[5] = 5  # ... and on slice 5 (between z_min 2 and middle)
+    pred, eng = make_predictor(on_empty=on_empty)
+    segs = pred.predict(case3d(vol, [[12, 12, 2, 36, 36, 18]]))
+    r = pred.last_report
+    present = [z for z in range(d) if (segs[z] == 1).any()]
+    if on_empty == "box":
+        assert present == [z for z in range(2, 19) if z not in (5, 14)]
+        assert r.empty_fallbacks == 2 and r.stopped == 0
+        assert r.decoder_items == 17
+    else:
+        assert present == list(range(6, 14))
+        assert r.stopped == 2 and r.empty_fallbacks == 0
+        assert r.decoder_items == len(range(5, 15))
+    # slices after a stop are not encoded at all
+    assert r.encoder_calls == r.decoder_items
+
+
+def test_3d_later_box_wins_overlap_across_sweeps():
+    d, h, w = 16, 40, 40
+    vol = unique_volume(d, h, w, 4)
+    vol[:, 5:35, 5:35] = 250
+    # box 1's middle is high (its downward sweep reaches slice 4 after box 2's upward sweep did)
+    boxes = [[5, 5, 0, 34, 34, 15], [5, 5, 2, 34, 34, 6]]
+    pred, _ = make_predictor()
+    segs = pred.predict(case3d(vol, boxes))
+    assert (segs[2:7, 10:30, 10:30] == 2).all()
+    assert (segs[8:16, 10:30, 10:30] == 1).all() and (segs[0:2, 10:30, 10:30] == 1).all()
+
+
+def test_3d_cache_limit_bounds_memory_and_counts_reencodes():
+    d, h, w = 30, 32, 32
+    vol = unique_volume(d, h, w, 5)
+    vol[:, 8:24, 8:24] = 250
+    boxes = [[8, 8, 0, 23, 23, 29], [8, 8, 0, 23, 23, 9], [8, 8, 20, 23, 23, 29]]  # middles 14, 4, 24
+    e = S // 16
+    per_slice = (256 * e * e + 32 * 16 * e * e + 64 * 4 * e * e) * 2  # fp16 bytes
+    pred, eng = make_predictor(cache_limit_mb=3.5 * per_slice / 2**20)
+    pred.predict(case3d(vol, boxes))
+    r = pred.last_report
+    assert r.cache_peak_slices == 3 and r.cache_peak_mb * 2**20 <= 3.5 * per_slice
+    assert r.reencoded > 0 and r.encoder_calls == 30 + r.reencoded
+    pred2, eng2 = make_predictor()
+    segs2 = pred2.predict(case3d(vol, boxes))
+    assert pred2.last_report.reencoded == 0 and len(set(eng2.encoded)) == len(eng2.encoded) == 30
+    up = {z for b in boxes for z in range((b[2] + b[5]) // 2, b[5] + 1)}
+    down = {z for b in boxes for z in range(b[2], (b[2] + b[5]) // 2)}
+    assert pred2.last_report.cache_peak_slices == len(up & down) == 10
+    assert segs2.max() == 3
+
+
+def test_3d_box_mid_z_from_2025_case_used_as_start():
+    d, h, w = 20, 32, 32
+    vol = unique_volume(d, h, w, 6)
+    vol[:, 8:24, 8:24] = 250
+    pred, eng = make_predictor()
+    case = case3d(vol, [[8, 8, 2, 23, 23, 17]])
+    case.box_mid_z = np.array([4])
+    pred.predict(case)
+    # sweep 1 starts at slice 4 with the given box: the first decoder call uses it exactly
+    np.testing.assert_allclose(eng.decode_batches[0][0], np.array([8, 8, 23, 23]) * S / w)
+    assert len(eng.decode_batches) == 16  # 4..17 upward, 3..2 downward
+
+
+# ---- folder run, errors ------------------------------------------------------------------
+def test_predict_folder_reports_bad_case_and_completes_others(tmp_path: Path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[8:24, 8:24] = 255
+    np.savez(inp / "2DBox_US_good.npz", imgs=img, boxes=np.array([[8, 8, 23, 23]]))
+    np.savez(inp / "2DBox_US_nobox.npz", imgs=img)
+    (inp / "2DBox_US_garbage.npz").write_bytes(b"not a zip")
+    pred, _ = make_predictor()
+    s = predict_folder(inp, out, "unused", PredictOptions(progress=False), predictor=pred)
+    assert (s.total, s.ok, s.failed) == (3, 1, 2)
+    assert set(s.failures) == {"2DBox_US_nobox.npz", "2DBox_US_garbage.npz"}
+    assert "boxes" in s.failures["2DBox_US_nobox.npz"]
+    assert sorted(p.name for p in out.iterdir()) == ["2DBox_US_good.npz"]
+    with np.load(out / "2DBox_US_good.npz") as z:
+        assert list(z.keys()) == ["segs"] and z["segs"].shape == (32, 32) and z["segs"].max() == 1
+
+
+def test_zero_boxes_gives_empty_segs():
+    pred, eng = make_predictor()
+    segs = pred.predict(case3d(unique_volume(4, 16, 16), np.zeros((0, 6), np.int64).tolist()))
+    assert segs.shape == (4, 16, 16) and not segs.any() and not eng.encoded
+
+
+# ---- cache, CPUs ---------------------------------------------------------------------------
+def test_embedding_cache_bound_and_fp16():
+    feats = tuple(np.random.default_rng(0).standard_normal(s).astype(np.float32) for s in [(1, 4), (1, 8), (1, 4)])
+    c = EmbeddingCache(limit_bytes=2 * 32, fp16=True)
+    assert c.put(1, feats) and c.put(2, feats) and not c.put(3, feats)
+    assert c.rejected == 1 and c.nbytes == 64 and 3 not in c
+    got = c.get(1)
+    assert got[1].dtype == np.float32
+    np.testing.assert_allclose(got[1], feats[1], rtol=1e-3)
+    c.drop(1)
+    assert c.nbytes == 32 and c.get(1) is None and c.put(3, feats)
+
+
+def _write(p: Path, text: str) -> None:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+
+
+def test_cgroup_v2_quota(tmp_path: Path):
+    _write(tmp_path / "cpu.max", "max 100000\n")
+    _write(tmp_path / "lapsam.slice" / "cpu.max", "150000 100000\n")
+    assert cgroup_cpu_limit(tmp_path, "0::/lapsam.slice\n") == pytest.approx(1.5)
+    assert cgroup_cpu_limit(tmp_path, "0::/\n") is None
+    assert available_cpus(tmp_path, "0::/lapsam.slice\n") == min(2, available_cpus(tmp_path, "0::/\n"))
+
+
+def test_cgroup_v1_quota(tmp_path: Path):
+    _write(tmp_path / "cpu,cpuacct" / "cpu.cfs_quota_us", "-1\n")
+    _write(tmp_path / "cpu,cpuacct" / "cpu.cfs_period_us", "100000\n")
+    _write(tmp_path / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_quota_us", "100000\n")
+    _write(tmp_path / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_period_us", "100000\n")
+    assert cgroup_cpu_limit(tmp_path, "4:cpu,cpuacct:/\n") is None
+    assert cgroup_cpu_limit(tmp_path, "4:cpu,cpuacct:/docker/abc\n") == pytest.approx(1.0)
+    assert available_cpus(tmp_path, "4:cpu,cpuacct:/docker/abc\n") == 1
+
+
+def test_available_cpus_respects_affinity():
+    import os
+
+    n = available_cpus()
+    assert 1 <= n <= len(os.sched_getaffinity(0))
+
+
+def test_naive_pipeline_counts_and_same_result_as_scheduled():
+    from lapsam.runtime.bench import naive_predict, z_stats
+
+    d, h, w = 24, 48, 48
+    vol = unique_volume(d, h, w, 8)
+    obj1 = sphere(vol, (8, 20, 20), 6)
+    obj2 = sphere(vol, (14, 28, 26), 8)
+    boxes = np.array([bbox3d(obj1), bbox3d(obj2), [4, 4, 10, 40, 40, 20]])
+    pred, eng = make_predictor(decoder_batch=4)
+    fast = pred.predict(case3d(vol, boxes.tolist()))
+    naive = naive_predict(pred, case3d(vol, boxes.tolist()))
+    total, union = z_stats(boxes)
+    assert pred.stats.encoder_calls == pred.stats.decoder_calls == total
+    assert pred.last_report.encoder_calls == union < total
+    np.testing.assert_array_equal(fast, naive)
+
+
+def test_bench_case_builder_matches_spec(imgs_dir: Path, gts_dir: Path):
+    from lapsam.runtime.bench import CaseSpec, build_case
+
+    a = build_case(CaseSpec("3DBox_MR_x", (20, 60, 50), 3, "3DBox_CT_TotalSegSmall"), imgs_dir, gts_dir)
+    assert a["imgs"].shape == (20, 60, 50) and a["imgs"].dtype == np.uint8 and a["boxes"].shape == (3, 6)
+    assert (a["boxes"][:, 3:] < [50, 60, 20]).all()
+    b = build_case(CaseSpec("2DBox_Microscope_x", (300, 400), 241, "2DBox_Microscope_Nuclei"), imgs_dir, gts_dir)
+    assert b["imgs"].shape == (300, 400, 3) and b["boxes"].shape == (241, 4)
