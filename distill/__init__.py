@@ -1,1 +1,7 @@
-"""lapsam.distill."""
+"""lapsam.distill: SAM2 teacher -> timm student (LapSam), two-stage training, data preparation.
+
+Entry points: ``lapsam distill prepare|encoder|finetune|students`` and ``lapsam bench distill``;
+API: :mod:`.model` (``LapSam``, ``build_lapsam``, ``save_checkpoint``, ``load_lapsam``),
+:mod:`.teacher` (``Teacher``), :mod:`.prepare`, :mod:`.data`, :mod:`.encoder_stage`
+(``train_encoder``), :mod:`.finetune_stage` (``train_finetune``). See README.md.
+"""

@@ -1,0 +1,414 @@
+"""Training data: 2D slices (of 2D cases and of 3D volumes) with their masks, balanced by modality.
+
+Sources (``data.train`` / ``data.val`` in the configs) are a list of entries, each one of:
+
+* a folder with ``imgs/`` and ``gts/`` sub-folders (the layout of ``demo/data`` and of
+  ``lapsam distill prepare``),
+* a folder of image npz files whose references are in a sibling ``gts/`` folder,
+* one image npz (reference in ``../gts/<name>.npz``, or a ``gts`` key in the same file).
+
+Every image goes through :func:`lapsam.preprocess.preprocess_image` with the student's
+:class:`~lapsam.manifest.Preprocessing`, so training sees exactly what the runtime feeds the
+encoder. Randomness (augmentation, prompts) comes from ``numpy.random.default_rng((seed,
+epoch, index))``: a sample is a pure function of those three numbers, which makes resume
+and DDP runs reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lapsam.manifest import Preprocessing
+from lapsam.modality import parse_modality
+from lapsam.preprocess import preprocess_image, resize_2d
+from lapsam.safe_npz import load_npz
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    name: str
+    image: Path
+    gt: Path | None  # None: the ``gts`` key is in the image file
+    modality: str
+
+
+def _gt_for(img: Path) -> Path | None:
+    cand = img.parent.parent / "gts" / img.name
+    return cand if cand.is_file() else None
+
+
+def find_cases(entries: Sequence[str | Path]) -> list[CaseFiles]:
+    """Resolve source entries (see module doc) to image/reference file pairs, sorted by name."""
+    out: dict[str, CaseFiles] = {}
+    for e in entries:
+        p = Path(e)
+        if p.is_dir() and (p / "imgs").is_dir():
+            files = sorted((p / "imgs").glob("*.npz"))
+        elif p.is_dir():
+            files = sorted(p.glob("*.npz"))
+        elif p.is_file():
+            files = [p]
+        else:
+            raise FileNotFoundError(f"training data {p} does not exist")
+        for f in files:
+            if f.name.startswith("."):
+                continue
+            gt = _gt_for(f)
+            if gt is None and "gts" not in load_npz(f):
+                log.warning("%s: no reference (gts) found; skipped", f)
+                continue
+            out[f.stem] = CaseFiles(f.stem, f, gt, parse_modality(f.stem))
+    if not out:
+        raise FileNotFoundError(f"no cases with references in {list(map(str, entries))}")
+    return [out[k] for k in sorted(out)]
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    case: int  # index into the case list
+    z: int  # slice index (-1 for 2D cases)
+    modality: str
+
+
+class CaseStore:
+    """Loads (image, gts) of cases, keeping the last few in memory (per DataLoader worker)."""
+
+    def __init__(self, cases: Sequence[CaseFiles], max_cached: int = 4):
+        self.cases = list(cases)
+        self.max_cached = max_cached
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def get(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return self._cache[i]
+        c = self.cases[i]
+        arrays = load_npz(c.image)
+        gts = load_npz(c.gt)["gts"] if c.gt is not None else arrays["gts"]
+        imgs = np.asarray(arrays["imgs"])
+        if imgs.dtype != np.uint8:
+            raise ValueError(f"{c.image}: imgs dtype {imgs.dtype}; training expects uint8 (run `lapsam distill prepare`)")
+        spatial = imgs.shape if imgs.ndim == 3 and gts.ndim == 3 else imgs.shape[:2]
+        if tuple(gts.shape) != tuple(spatial):
+            raise ValueError(f"{c.gt or c.image}: gts shape {gts.shape} does not match imgs shape {imgs.shape}")
+        self._cache[i] = (imgs, np.asarray(gts))
+        while len(self._cache) > self.max_cached:
+            self._cache.popitem(last=False)
+        return self._cache[i]
+
+    def is_3d(self, i: int) -> bool:
+        imgs, gts = self.get(i)
+        return gts.ndim == 3
+
+    def slice(self, ref: SliceRef) -> tuple[np.ndarray, np.ndarray]:
+        """(image uint8 (H, W) or (H, W, 3), labels (H, W))."""
+        imgs, gts = self.get(ref.case)
+        if ref.z < 0:
+            return imgs, gts
+        return imgs[ref.z], gts[ref.z]
+
+
+def index_slices(store: CaseStore, fg_only: bool = True, slice_stride: int = 1,
+                 max_slices_per_case: int | None = None) -> list[SliceRef]:
+    """Slices to sample: 2D cases whole, 3D cases per slice (only slices with labels if ``fg_only``)."""
+    refs: list[SliceRef] = []
+    for i, c in enumerate(store.cases):
+        imgs, gts = store.get(i)
+        if gts.ndim == 2:
+            if not fg_only or gts.any():
+                refs.append(SliceRef(i, -1, c.modality))
+            continue
+        zs = np.arange(gts.shape[0])
+        if fg_only:
+            zs = zs[gts.reshape(gts.shape[0], -1).any(axis=1)]
+        zs = zs[:: max(1, slice_stride)]
+        if max_slices_per_case and len(zs) > max_slices_per_case:
+            zs = zs[np.linspace(0, len(zs) - 1, max_slices_per_case).round().astype(int)]
+        refs.extend(SliceRef(i, int(z), c.modality) for z in zs)
+    return refs
+
+
+def modality_weights(refs: Sequence[SliceRef]) -> np.ndarray:
+    """Per-slice sampling weights giving every modality the same total weight."""
+    mods = [r.modality for r in refs]
+    counts = {m: mods.count(m) for m in set(mods)}
+    w = np.array([1.0 / counts[m] for m in mods], np.float64)
+    return w / w.sum()
+
+
+class DistributedWeightedSampler:
+    """Weighted sampling with replacement, split across DDP ranks (each rank a disjoint slice).
+
+    Call :meth:`set_epoch` like ``DistributedSampler``: each epoch draws a fresh, seeded sequence.
+    """
+
+    def __init__(self, weights: np.ndarray, num_samples: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        self.weights = np.asarray(weights, np.float64)
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+        self.num_samples = int(math.ceil(num_samples / num_replicas))
+        self.total_size = self.num_samples * num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng((self.seed, self.epoch, 7))
+        idx = rng.choice(len(self.weights), size=self.total_size, replace=True, p=self.weights / self.weights.sum())
+        return iter(idx[self.rank:: self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def _to_chw(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x[0])
+
+
+class FeatureSliceDataset:
+    """Stage 1 items: ``image`` (3, S, S) student input, ``teacher_image`` (3, T, T), ``index``.
+
+    No augmentation: an item is fixed, so the teacher's features of item i can be cached.
+    """
+
+    def __init__(self, store: CaseStore, refs: Sequence[SliceRef], pp: Preprocessing,
+                 teacher_pp: Preprocessing | None = None):
+        self.store, self.refs, self.pp, self.teacher_pp = store, list(refs), pp, teacher_pp
+        self.with_teacher_image = teacher_pp is not None
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int) -> dict:
+        img, _ = self.store.slice(self.refs[i])
+        x, _ = preprocess_image(img, self.pp)
+        item = {"image": _to_chw(x), "index": i}
+        if self.with_teacher_image and self.teacher_pp is not None:
+            t, _ = preprocess_image(img, self.teacher_pp)
+            item["teacher_image"] = _to_chw(t)
+        return item
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    hflip: float = 0.5
+    vflip: float = 0.2
+    rotate_deg: float = 15.0
+    scale: tuple[float, float] = (0.85, 1.15)
+    shift: float = 0.08  # fraction of the input size
+    affine_prob: float = 0.5
+    intensity_prob: float = 0.5
+    brightness: float = 0.1  # fraction of 255
+    contrast: tuple[float, float] = (0.85, 1.15)
+    gamma: tuple[float, float] = (0.8, 1.25)
+
+
+@dataclass
+class PromptConfig:
+    box_prob: float = 1.0  # otherwise clicks only
+    box_jitter: float = 0.1  # each box side moves by up to this fraction of the box size
+    box_jitter_max_px: float = 20.0  # ... and at most this many input pixels
+    point_prob: float = 0.3  # add clicks to the box
+    max_points: int = 3
+    objects_per_image: int = 1
+    min_pixels: int = 4  # at input size: smaller objects are not sampled
+
+
+@dataclass
+class FinetuneItemConfig:
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+
+
+def _intensity(img: np.ndarray, rng: np.random.Generator, a: AugmentConfig) -> np.ndarray:
+    x = img.astype(np.float32)
+    g = rng.uniform(*a.gamma)
+    x = 255.0 * (x / 255.0) ** g
+    c = rng.uniform(*a.contrast)
+    m = float(x.mean())
+    x = (x - m) * c + m + rng.uniform(-a.brightness, a.brightness) * 255.0
+    return np.clip(x, 0, 255)
+
+
+def _affine(x: np.ndarray, masks: np.ndarray, rng: np.random.Generator, a: AugmentConfig,
+            fill: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate/scale/shift (3, S, S) input and (K, S, S) masks about the centre (scipy, order 1 / 0)."""
+    from scipy import ndimage
+
+    s = x.shape[-1]
+    ang = np.deg2rad(rng.uniform(-a.rotate_deg, a.rotate_deg))
+    sc = rng.uniform(*a.scale)
+    t = rng.uniform(-a.shift, a.shift, size=2) * s
+    rot = np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]]) / sc
+    c = np.array([(s - 1) / 2, (s - 1) / 2])
+    offset = c - rot @ (c + t)
+    out = np.stack([ndimage.affine_transform(x[k], rot, offset, order=1, mode="constant", cval=float(fill[k]))
+                    for k in range(x.shape[0])]).astype(np.float32)
+    m = np.stack([ndimage.affine_transform(masks[k], rot, offset, order=0, mode="constant", cval=0)
+                  for k in range(masks.shape[0])])
+    return out, m
+
+
+def box_from_mask(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
+
+
+def jitter_box(box: np.ndarray, rng: np.random.Generator, p: PromptConfig, size: int) -> np.ndarray:
+    w, h = box[2] - box[0] + 1, box[3] - box[1] + 1
+    lim = np.minimum(np.array([w, h, w, h], np.float32) * p.box_jitter, p.box_jitter_max_px)
+    b = box + rng.uniform(-1, 1, size=4).astype(np.float32) * lim
+    b = np.clip(b, 0, size - 1)
+    b[2], b[3] = max(b[2], b[0]), max(b[3], b[1])
+    return b.astype(np.float32)
+
+
+def sample_points(mask: np.ndarray, box: np.ndarray | None, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` clicks: the first inside the mask, others inside (1) or outside (0) at random.
+
+    Outside clicks are drawn from the box (or the mask's box grown by a quarter) minus the mask.
+    """
+    coords = np.zeros((n, 2), np.float32)
+    labels = np.zeros(n, np.float32)
+    fg = np.argwhere(mask)
+    s = mask.shape[0]
+    bb = box if box is not None else box_from_mask(mask)
+    x0, y0, x1, y1 = bb.astype(int)
+    pw, ph = max(2, (x1 - x0) // 4), max(2, (y1 - y0) // 4)
+    region = np.zeros_like(mask, dtype=bool)
+    region[max(0, y0 - ph): min(s, y1 + ph + 1), max(0, x0 - pw): min(s, x1 + pw + 1)] = True
+    bg = np.argwhere(region & ~mask)
+    for k in range(n):
+        positive = k == 0 or bg.size == 0 or rng.random() < 0.5
+        pts = fg if positive else bg
+        y, x = pts[rng.integers(len(pts))]
+        coords[k] = (x + 0.5, y + 0.5)
+        labels[k] = 1.0 if positive else 0.0
+    return coords, labels
+
+
+class PromptSliceDataset:
+    """Stage 2 items: augmented ``image`` (3, S, S), ``masks`` (K, S, S) of K objects, prompts.
+
+    ``boxes`` (K, 4) and ``point_coords`` (K, P, 2) are in model-input pixels; ``point_labels``
+    (K, P) uses 1 / 0 for clicks and -1 for padding (no clicks: all -1); ``has_box`` (K,).
+    """
+
+    def __init__(self, store: CaseStore, refs: Sequence[SliceRef], pp: Preprocessing,
+                 cfg: FinetuneItemConfig | None = None, seed: int = 0, train: bool = True):
+        self.store, self.refs, self.pp = store, list(refs), pp
+        self.cfg = cfg or FinetuneItemConfig()
+        self.seed, self.train, self.epoch = seed, train, 0
+        self.modalities = sorted({r.modality for r in self.refs})
+        mean = np.asarray(pp.pixel_mean, np.float32)
+        std = np.asarray(pp.pixel_std, np.float32)
+        self._black = (0.0 - mean) / std
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int) -> dict:
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        a, p = self.cfg.augment, self.cfg.prompt
+        img, lab = self.store.slice(self.refs[i])
+        s = self.pp.input_size
+        if self.train and a.enabled and rng.random() < a.intensity_prob:
+            img = _intensity(img, rng, a)
+        x, tf = preprocess_image(img, self.pp)
+        x = x[0]
+        labels = [int(v) for v in np.unique(lab) if v != 0]
+        k = p.objects_per_image
+        rng.shuffle(labels)
+        # Masks at input size through the same geometry as the image (resize, then pad).
+        masks = []
+        chosen = []
+        for v in labels:
+            m = np.zeros((s, s), np.uint8)
+            m[: tf.new_h, : tf.new_w] = resize_2d((lab == v).astype(np.float32), (tf.new_h, tf.new_w)) >= 0.5
+            if m.sum() >= p.min_pixels:
+                masks.append(m)
+                chosen.append(v)
+            if len(masks) == 3 * k:
+                break
+        if not masks:  # every object vanished at this size: an empty target, prompt a box anyway
+            masks = [np.zeros((s, s), np.uint8)]
+        m = np.stack(masks)
+        if self.train and a.enabled:
+            if rng.random() < a.hflip:
+                x, m = x[:, :, ::-1], m[:, :, ::-1]
+            if rng.random() < a.vflip:
+                x, m = x[:, ::-1, :], m[:, ::-1, :]
+            if rng.random() < a.affine_prob:
+                x2, m2 = _affine(np.ascontiguousarray(x), np.ascontiguousarray(m), rng, a, self._black)
+                keep = m2.reshape(len(m2), -1).sum(1) >= p.min_pixels
+                if keep.any():
+                    x, m = x2, m2[keep]
+        m = m[:k] if len(m) >= k else np.concatenate([m, np.repeat(m[-1:], k - len(m), 0)])
+        boxes = np.zeros((k, 4), np.float32)
+        has_box = np.zeros(k, np.float32)
+        npts = p.max_points
+        coords = np.zeros((k, max(1, npts), 2), np.float32)
+        plabels = -np.ones((k, max(1, npts)), np.float32)
+        for j in range(k):
+            mj = m[j].astype(bool)
+            if not mj.any():
+                boxes[j] = (0, 0, s - 1, s - 1)
+                has_box[j] = 1
+                continue
+            use_box = (not self.train) or rng.random() < p.box_prob
+            box = box_from_mask(mj)
+            if use_box:
+                boxes[j] = jitter_box(box, rng, p, s) if self.train else box
+                has_box[j] = 1
+            n = 0
+            if self.train and npts > 0 and (not use_box or rng.random() < p.point_prob):
+                n = int(rng.integers(1, npts + 1))
+                c, lbl = sample_points(mj, boxes[j] if use_box else None, n, rng)
+                coords[j, :n], plabels[j, :n] = c, lbl
+        return {
+            "image": np.ascontiguousarray(x, np.float32),
+            "masks": np.ascontiguousarray(m, np.float32),
+            "boxes": boxes,
+            "has_box": has_box,
+            "point_coords": coords,
+            "point_labels": plabels,
+            "modality": self.modalities.index(self.refs[i].modality),
+            "index": i,
+        }
+
+
+def split_cases(cases: Sequence[CaseFiles], val_fraction: float, seed: int) -> tuple[list[CaseFiles], list[CaseFiles]]:
+    """Hold back a fraction of the cases (at least one per modality with >= 2 cases) for validation."""
+    if val_fraction <= 0:
+        return list(cases), []
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    by_mod: dict[str, list[CaseFiles]] = {}
+    for c in cases:
+        by_mod.setdefault(c.modality, []).append(c)
+    for mod in sorted(by_mod):
+        cs = by_mod[mod]
+        order = rng.permutation(len(cs))
+        n_val = min(len(cs) - 1, max(1, int(round(val_fraction * len(cs))))) if len(cs) > 1 else 0
+        val += [cs[j] for j in order[:n_val]]
+        train += [cs[j] for j in order[n_val:]]
+    return sorted(train, key=lambda c: c.name), sorted(val, key=lambda c: c.name)
