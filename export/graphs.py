@@ -56,10 +56,10 @@ class DecoderGraph(nn.Module):
         corners = boxes.reshape(-1, 2, 2)
         corner_labels = torch.tensor([2.0, 3.0], dtype=torch.float32).reshape(1, 2).expand(b, 2)
         coords = torch.cat([corners, point_coords], dim=1)
-        labels = torch.cat([corner_labels, point_labels.to(torch.float32)], dim=1)
+        labels = torch.cat([corner_labels, point_labels], dim=1)
         sparse = pe._embed_points(coords, labels, pad=True)
 
-        has = has_mask_input.to(torch.float32).reshape(-1, 1, 1, 1)
+        has = has_mask_input.reshape(-1, 1, 1, 1)
         mask_embed = pe.mask_downscaling(mask_input)
         no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
         dense = has * mask_embed + (1.0 - has) * no_mask
@@ -74,3 +74,20 @@ class DecoderGraph(nn.Module):
             high_res_features=[high_res_feats_0, high_res_feats_1],
         )
         return out[0], out[1]
+
+
+def example_decoder_inputs(input_size: int, num_boxes: int = 2, num_points: int = 1) -> tuple[torch.Tensor, ...]:
+    """Tracing inputs for :class:`DecoderGraph` (values only matter for tracing, not the graph)."""
+    e = input_size // 16
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.tensor([[0.1, 0.1, 0.6, 0.7], [0.3, 0.2, 0.9, 0.8]] * num_boxes, dtype=torch.float32)[:num_boxes]
+    return (
+        torch.randn(1, 256, e, e, generator=g),
+        torch.randn(1, 32, 4 * e, 4 * e, generator=g),
+        torch.randn(1, 64, 2 * e, 2 * e, generator=g),
+        boxes * input_size,
+        torch.rand(num_boxes, num_points, 2, generator=g) * input_size,
+        torch.ones(num_boxes, num_points, dtype=torch.float32),
+        torch.zeros(num_boxes, 1, 4 * e, 4 * e),
+        torch.zeros(num_boxes, dtype=torch.float32),
+    )
