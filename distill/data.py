@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -412,3 +413,27 @@ def split_cases(cases: Sequence[CaseFiles], val_fraction: float, seed: int) -> t
         val += [cs[j] for j in order[:n_val]]
         train += [cs[j] for j in order[n_val:]]
     return sorted(train, key=lambda c: c.name), sorted(val, key=lambda c: c.name)
+
+
+@dataclass
+class SliceSplit:
+    """Training and validation cases with their slice indexes, as both stages use them."""
+
+    store: CaseStore
+    refs: list
+    val_store: CaseStore
+    val_refs: list
+
+
+def build_split(data_cfg: Any, seed: int, fg_only: bool, slice_stride: int, val_slice_stride: int) -> SliceSplit:
+    """Cases from ``data_cfg.train`` (validation from ``data_cfg.val``, else a held-back fraction), indexed."""
+    cases = find_cases(data_cfg.train)
+    if data_cfg.val:
+        train_cases, val_cases = cases, find_cases(data_cfg.val)
+    else:
+        train_cases, val_cases = split_cases(cases, data_cfg.val_fraction, seed)
+    store = CaseStore(train_cases, data_cfg.cached_cases)
+    refs = index_slices(store, fg_only, slice_stride, data_cfg.max_slices_per_case)
+    val_store = CaseStore(val_cases, data_cfg.cached_cases)
+    val_refs = index_slices(val_store, fg_only, val_slice_stride, data_cfg.val_max_slices_per_case) if val_cases else []
+    return SliceSplit(store, refs, val_store, val_refs)

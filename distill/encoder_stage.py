@@ -25,10 +25,8 @@ from .data import (
     CaseStore,
     DistributedWeightedSampler,
     FeatureSliceDataset,
-    find_cases,
-    index_slices,
+    build_split,
     modality_weights,
-    split_cases,
 )
 from .engine import DistInfo, Stage, StepResult, barrier
 from .feature_cache import FeatureCache, fingerprint
@@ -81,15 +79,8 @@ class EncoderStage(Stage):
 
         self.cfg, self.info, self.model = cfg, info, model
         d = cfg.data
-        cases = find_cases(d.train)
-        if d.val:
-            train_cases, val_cases = cases, find_cases(d.val)
-        else:
-            train_cases, val_cases = split_cases(cases, d.val_fraction, cfg.train.seed)
-        self.store = CaseStore(train_cases, d.cached_cases)
-        self.refs = index_slices(self.store, d.fg_only, d.slice_stride, d.max_slices_per_case)
-        self.val_store = CaseStore(val_cases, d.cached_cases)
-        self.val_refs = index_slices(self.val_store, d.fg_only, d.slice_stride, d.val_max_slices_per_case) if val_cases else []
+        split = build_split(d, cfg.train.seed, d.fg_only, d.slice_stride, d.slice_stride)
+        self.store, self.refs, self.val_store, self.val_refs = split.store, split.refs, split.val_store, split.val_refs
         _, tsize = resolve_sam2_name(cfg.model.teacher, cfg.model.teacher_image_size)
         self.teacher_size = tsize
         pp = model.preprocessing
@@ -108,7 +99,7 @@ class EncoderStage(Stage):
                 p.requires_grad_(False)
         if info.is_main:
             log.info("stage 1: %d training slices from %d cases, %d validation slices from %d cases; teacher %s@%d",
-                     len(self.refs), len(train_cases), len(self.val_refs), len(val_cases), cfg.model.teacher, tsize)
+                     len(self.refs), len(self.store.cases), len(self.val_refs), len(self.val_store.cases), cfg.model.teacher, tsize)
 
     def trainable(self, model: LapSam) -> nn.Module:
         return model.image_encoder

@@ -33,10 +33,8 @@ from .data import (
     DistributedWeightedSampler,
     FinetuneItemConfig,
     PromptSliceDataset,
-    find_cases,
-    index_slices,
+    build_split,
     modality_weights,
-    split_cases,
 )
 from .engine import DistInfo, Stage, StepResult
 from .model import LapSam
@@ -166,20 +164,13 @@ class FinetuneStage(Stage):
     def __init__(self, cfg: FinetuneConfig, info: DistInfo, model: LapSam):
         self.cfg, self.info, self.model = cfg, info, model
         d = cfg.data
-        cases = find_cases(d.train)
-        if d.val:
-            train_cases, val_cases = cases, find_cases(d.val)
-        else:
-            train_cases, val_cases = split_cases(cases, d.val_fraction, cfg.train.seed)
-        self.store = CaseStore(train_cases, d.cached_cases)
-        self.refs = index_slices(self.store, True, d.slice_stride, d.max_slices_per_case)
-        self.val_store = CaseStore(val_cases, d.cached_cases)
-        self.val_refs = index_slices(self.val_store, True, 1, d.val_max_slices_per_case) if val_cases else []
+        split = build_split(d, cfg.train.seed, True, d.slice_stride, 1)
+        self.store, self.refs, self.val_store, self.val_refs = split.store, split.refs, split.val_store, split.val_refs
         item_cfg = FinetuneItemConfig(augment=cfg.augment, prompt=cfg.prompt)
         self.dataset = PromptSliceDataset(self.store, self.refs, model.preprocessing, item_cfg, cfg.train.seed, train=True)
         if info.is_main:
             log.info("stage 2: %d training slices from %d cases, %d validation slices from %d cases",
-                     len(self.refs), len(train_cases), len(self.val_refs), len(val_cases))
+                     len(self.refs), len(self.store.cases), len(self.val_refs), len(self.val_store.cases))
 
     def trainable(self, model: LapSam) -> nn.Module:
         return PromptNet(model)

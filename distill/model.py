@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lapsam.io import atomic_write
 from lapsam.manifest import Preprocessing
 
 from .sam2_factory import build_sam2_model, load_state_dict, resolve_sam2_name
@@ -241,9 +242,6 @@ def build_lapsam(config: LapSamConfig | None = None) -> LapSam:
 
 def save_checkpoint(path: str | Path, model: LapSam, **extra: Any) -> Path:
     """Write ``{"format", "version", "config", "model", **extra}`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     state = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -251,9 +249,9 @@ def save_checkpoint(path: str | Path, model: LapSam, **extra: Any) -> Path:
         "model": model.state_dict(),
         **extra,
     }
-    torch.save(state, tmp)
-    tmp.replace(path)
-    return path
+    with atomic_write(path) as fp:
+        torch.save(state, fp)
+    return Path(path)
 
 
 def load_checkpoint_dict(path: str | Path) -> dict[str, Any]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from lapsam.io import atomic_write
 
 
 def is_nan(x: Any) -> bool:
@@ -66,21 +66,9 @@ def text_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write a text file so that it is either absent, the old one, or complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fp:
-            fp.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    with atomic_write(path, "w", encoding="utf-8", newline="") as fp:
+        fp.write(text)
+    return Path(path)
 
 
 def csv_text(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

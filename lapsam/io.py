@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
 from .case import segs_dtype
 
 
-def atomic_savez(path: str | Path, compressed: bool = True, **arrays: np.ndarray) -> Path:
-    """Write an npz so that ``path`` is either absent or complete: never half-written.
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on success flush, fsync and rename it to ``path``.
 
-    The data go to a temporary file in the same folder, are flushed to disk, then renamed.
+    ``path`` is therefore either absent, the old file, or complete: never half-written,
+    whatever interrupts the ``with`` block (the temporary file is removed then).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fp:
-            (np.savez_compressed if compressed else np.savez)(fp, **arrays)
+        with os.fdopen(fd, mode, **open_kwargs) as fp:
+            yield fp
             fp.flush()
             os.fsync(fp.fileno())
         os.chmod(tmp, 0o644)
@@ -32,7 +37,13 @@ def atomic_savez(path: str | Path, compressed: bool = True, **arrays: np.ndarray
         except FileNotFoundError:
             pass
         raise
-    return path
+
+
+def atomic_savez(path: str | Path, compressed: bool = True, **arrays: np.ndarray) -> Path:
+    """Write an npz atomically (see :func:`atomic_write`)."""
+    with atomic_write(path) as fp:
+        (np.savez_compressed if compressed else np.savez)(fp, **arrays)
+    return Path(path)
 
 
 def write_segs(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lapsam.io import atomic_write
 
 from .context import SubmissionError
 
@@ -121,22 +121,11 @@ def save_image(tag: str, out: Path, client: Any = None, compresslevel: int = 6) 
     except docker.errors.ImageNotFound as exc:
         raise SubmissionError(f"no image {tag}; build it first with lapsam submission build") from exc
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw,
-                                                       compresslevel=compresslevel, mtime=0) as gz:
-            # named=True keeps the tag in the archive, so `docker load` restores NAME:latest.
-            for chunk in image.save(named=True, chunk_size=1 << 20):
-                gz.write(chunk)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(out) as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw,
+                                                 compresslevel=compresslevel, mtime=0) as gz:
+        # named=True keeps the tag in the archive, so `docker load` restores NAME:latest.
+        for chunk in image.save(named=True, chunk_size=1 << 20):
+            gz.write(chunk)
     return out
 
 

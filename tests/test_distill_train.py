@@ -52,9 +52,11 @@ def test_stage1_feature_mse_falls_on_held_out_slices(tmp_path: Path, imgs_dir: P
         summary = encoder_stage.train_encoder(cfg)
     finally:
         Teacher.forward = orig
-    n_train = len(encoder_stage.index_slices(encoder_stage.CaseStore(encoder_stage.find_cases(cfg.data.train)), False, 4))
-    store = encoder_stage.CaseStore(encoder_stage.find_cases(cfg.data.val))
-    refs = encoder_stage.index_slices(store, False, 1, 4)
+    from lapsam.distill.data import CaseStore, find_cases, index_slices
+
+    n_train = len(index_slices(CaseStore(find_cases(cfg.data.train)), False, 4))
+    store = CaseStore(find_cases(cfg.data.val))
+    refs = index_slices(store, False, 1, 4)
     # The teacher ran once per cached slice (training + validation), never during training.
     assert sum(calls) == n_train + len(refs)
     assert summary["step"] == 6 * (n_train // 4)
