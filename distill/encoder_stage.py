@@ -23,10 +23,8 @@ from torch import nn
 from .config import EncoderConfig
 from .data import (
     CaseStore,
-    DistributedWeightedSampler,
     FeatureSliceDataset,
     build_split,
-    modality_weights,
 )
 from .engine import DistInfo, Stage, StepResult, barrier
 from .feature_cache import FeatureCache, fingerprint
@@ -103,18 +101,6 @@ class EncoderStage(Stage):
 
     def trainable(self, model: LapSam) -> nn.Module:
         return model.image_encoder
-
-    def train_loader_parts(self) -> tuple[Any, Any]:
-        from torch.utils.data import DistributedSampler
-
-        d, t = self.cfg.data, self.cfg.train
-        if d.balance_modalities:
-            n = d.samples_per_epoch or len(self.refs)
-            sampler = DistributedWeightedSampler(modality_weights(self.refs), n, self.info.world, self.info.rank, t.seed)
-        else:
-            sampler = DistributedSampler(self.dataset, num_replicas=self.info.world, rank=self.info.rank,
-                                         shuffle=True, seed=t.seed, drop_last=True)
-        return self.dataset, sampler
 
     def _get_teacher(self) -> Teacher:
         if self.teacher is None:

@@ -183,8 +183,23 @@ class Stage:
     def ddp_find_unused(self) -> bool:
         return False
 
-    def train_loader_parts(self) -> tuple[Any, Any]:  # (dataset, sampler)
-        raise NotImplementedError
+    def train_loader_parts(self) -> tuple[Any, Any]:
+        """(dataset, sampler): modality-balanced sampling, or a plain shuffled DistributedSampler.
+
+        Uses the stage's ``cfg`` (``data``, ``train``), ``info``, ``refs`` and ``dataset``.
+        """
+        from torch.utils.data import DistributedSampler
+
+        from .data import DistributedWeightedSampler, modality_weights
+
+        d, t = self.cfg.data, self.cfg.train
+        if d.balance_modalities:
+            n = d.samples_per_epoch or len(self.refs)
+            sampler = DistributedWeightedSampler(modality_weights(self.refs), n, self.info.world, self.info.rank, t.seed)
+        else:
+            sampler = DistributedSampler(self.dataset, num_replicas=self.info.world, rank=self.info.rank,
+                                         shuffle=True, seed=t.seed, drop_last=True)
+        return self.dataset, sampler
 
     def step(self, net: nn.Module, model: LapSam, batch: dict[str, torch.Tensor]) -> StepResult:
         raise NotImplementedError

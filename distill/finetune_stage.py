@@ -30,11 +30,9 @@ from lapsam.preprocess import postprocess_masks, preprocess_image, transform_box
 from .config import FinetuneConfig, FinetuneLoss
 from .data import (
     CaseStore,
-    DistributedWeightedSampler,
     FinetuneItemConfig,
     PromptSliceDataset,
     build_split,
-    modality_weights,
 )
 from .engine import DistInfo, Stage, StepResult
 from .model import LapSam
@@ -177,18 +175,6 @@ class FinetuneStage(Stage):
 
     def ddp_find_unused(self) -> bool:
         return True  # e.g. the mask-input path and the object-score head get no gradient
-
-    def train_loader_parts(self) -> tuple[Any, Any]:
-        from torch.utils.data import DistributedSampler
-
-        d, t = self.cfg.data, self.cfg.train
-        if d.balance_modalities:
-            n = d.samples_per_epoch or len(self.refs)
-            sampler = DistributedWeightedSampler(modality_weights(self.refs), n, self.info.world, self.info.rank, t.seed)
-        else:
-            sampler = DistributedSampler(self.dataset, num_replicas=self.info.world, rank=self.info.rank,
-                                         shuffle=True, seed=t.seed, drop_last=True)
-        return self.dataset, sampler
 
     def step(self, net: nn.Module, model: LapSam, batch: dict[str, torch.Tensor]) -> StepResult:
         n, k, s, _ = batch["masks"].shape
