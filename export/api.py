@@ -133,7 +133,7 @@ def export_encoder_files(
     """
     import torch
 
-    from .onnx_io import onnx_to_openvino, save_onnx, simplify_onnx, torch_to_onnx
+    from .onnx_io import simplify_onnx, torch_to_onnx
 
     notes: list[str] = []
     x = torch.zeros(1, 3, input_size, input_size)
@@ -141,15 +141,7 @@ def export_encoder_files(
     if simplify:
         proto, rep = simplify_onnx(proto, ENCODER_ONNX)
         notes.append(rep.note())
-    save_onnx(proto, root / ENCODER_ONNX)
-    entries: list[ModelFile] = []
-    if "onnx" in backends:
-        entries.append(_model_file(root, "encoder", "onnx", "fp32", ENCODER_ONNX))
-    if "openvino" in backends:
-        for p in precisions:
-            rel = openvino_xml("encoder", p)
-            onnx_to_openvino(root / ENCODER_ONNX, root / rel, fp16=(p == "fp16"))
-            entries.append(_model_file(root, "encoder", "openvino", p, rel))
+    entries = _write_graph(proto, root, "encoder", ENCODER_ONNX, backends, precisions)
     if int8:
         from .quantize import quantize_onnx, quantize_openvino
 
@@ -176,7 +168,7 @@ def export_decoder_files(
 ) -> tuple[list[ModelFile], list[str]]:
     """Export a :class:`~lapsam.export.graphs.DecoderGraph` to ONNX and OpenVINO IR."""
     from .graphs import example_decoder_inputs
-    from .onnx_io import onnx_to_openvino, save_onnx, simplify_onnx, torch_to_onnx
+    from .onnx_io import simplify_onnx, torch_to_onnx
 
     notes: list[str] = []
     args = example_decoder_inputs(input_size)
@@ -186,18 +178,32 @@ def export_decoder_files(
         feeds = {n: t.numpy() for n, t in zip(DECODER_INPUTS, example_decoder_inputs(input_size, 3, 2), strict=True)}
         proto, rep = simplify_onnx(proto, DECODER_ONNX, feeds=feeds)
         notes.append(rep.note())
-    save_onnx(proto, root / DECODER_ONNX)
-    entries: list[ModelFile] = []
-    if "onnx" in backends:
-        entries.append(_model_file(root, "decoder", "onnx", "fp32", DECODER_ONNX))
-    if "openvino" in backends:
-        for p in precisions:
-            rel = openvino_xml("decoder", p)
-            onnx_to_openvino(root / DECODER_ONNX, root / rel, fp16=(p == "fp16"))
-            entries.append(_model_file(root, "decoder", "openvino", p, rel))
+    entries = _write_graph(proto, root, "decoder", DECODER_ONNX, backends, precisions)
     if "onnx" not in backends:
         (root / DECODER_ONNX).unlink()
     return entries, notes
+
+
+def _write_graph(
+    proto, root: Path, role: str, onnx_name: str, backends: Sequence[str], precisions: Sequence[str]
+) -> list[ModelFile]:
+    """Save ``proto`` as ``onnx_name`` and convert it to OpenVINO IR per precision; return the manifest entries.
+
+    The ONNX file is always written (OpenVINO and INT8 are made from it); the caller removes it
+    when the onnx backend was not asked for.
+    """
+    from .onnx_io import onnx_to_openvino, save_onnx
+
+    save_onnx(proto, root / onnx_name)
+    entries: list[ModelFile] = []
+    if "onnx" in backends:
+        entries.append(_model_file(root, role, "onnx", "fp32", onnx_name))
+    if "openvino" in backends:
+        for p in precisions:
+            rel = openvino_xml(role, p)
+            onnx_to_openvino(root / onnx_name, root / rel, fp16=(p == "fp16"))
+            entries.append(_model_file(root, role, "openvino", p, rel))
+    return entries
 
 
 def _check_options(backends: Sequence[str], precisions: Sequence[str]) -> None:
