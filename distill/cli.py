@@ -92,6 +92,14 @@ def register_bench(bench_sub: argparse._SubParsersAction) -> None:
     b.add_argument("--skip-latency", action="store_true")
     b.add_argument("--skip-throughput", action="store_true")
     b.set_defaults(func=cmd_bench)
+    from .students import add_arguments
+
+    st = bench_sub.add_parser("students", help="choose the student: encoder/decoder ms (OpenVINO f32) and "
+                                               "validation DSC after the same short training, per candidate",
+                              description="Prints a markdown table; asserts nothing. Speed is timed first, "
+                                          "alone, then each candidate trains for --steps steps.")
+    add_arguments(st)
+    st.set_defaults(func=cmd_bench_students)
 
 
 def _load(kind: str, args: argparse.Namespace):
@@ -186,3 +194,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     run_bench(args)
     return 0
+
+
+def cmd_bench_students(args: argparse.Namespace) -> int:
+    from .students import run_students
+
+    return run_students(args)

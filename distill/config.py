@@ -28,18 +28,21 @@ class ModelSection:
     teacher_checkpoint: str | None = None
     teacher_image_size: int | None = None  # None: the teacher config's own (1024; medsam2: 512)
     init_checkpoint: str | None = None  # a lapsam checkpoint to start from (e.g. stage 1's best.pt)
+    box_prior: float = 0.0  # initial scale of the learned box prior (LapSamConfig.box_prior); 0: off
 
 
 @dataclass
 class DataSection:
     train: list[str] = field(default_factory=lambda: ["demo/data"])
     val: list[str] = field(default_factory=list)  # held-back cases; empty: use val_fraction
-    val_fraction: float = 0.0
+    val_fraction: float = 0.0  # of the patients of each source group (see data.split_cases)
+    val_groups: list[str] = field(default_factory=list)  # source groups held back whole
     fg_only: bool = True  # only slices that hold a label
     slice_stride: int = 1
     max_slices_per_case: int | None = None
     val_max_slices_per_case: int | None = 8
     balance_modalities: bool = True
+    balance_groups: bool = True  # within a modality, every source group the same weight
     samples_per_epoch: int | None = None  # with balancing; None: the number of slices
     num_workers: int = 2
     cached_cases: int = 4  # volumes kept in memory per worker

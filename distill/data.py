@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,39 @@ class CaseFiles:
     image: Path
     gt: Path | None  # None: the ``gts`` key is in the image file
     modality: str
+
+
+def case_group(name: str) -> str:
+    """Source group of a case: its name without the last ``_``-separated part.
+
+    ``2DBox_US_BUSI_10089`` -> ``2DBox_US_BUSI``; ``3DBox_CT_Lesion_000001_02_01_008-023`` ->
+    ``3DBox_CT_Lesion_000001_02_01`` (names without a source part are their own group).
+    """
+    stem = name[:-4] if name.endswith(".npz") else name
+    return stem.rsplit("_", 1)[0] if stem.count("_") >= 2 else stem
+
+
+_PATIENT = re.compile(r"(STS\d+|pat\d+|P\d+)")
+
+
+def case_patient(name: str) -> str:
+    """A key shared by the cases of one patient (or one image tile), for patient-wise splits.
+
+    Cross-group ids (``STS012`` of the IBSI sarcoma PET/CT/MR groups, ``pat0003`` of BraTS
+    FLAIR/T1c) are keys on their own; otherwise ``group/id`` with the slice number after a
+    ``-`` dropped (``CURVAS_10001-458`` and ``CURVAS_10001-650`` are one patient) and the
+    ``flipped-`` / ``rotated-N-`` prefixes of augmented copies removed.
+    """
+    stem = name[:-4] if name.endswith(".npz") else name
+    group = case_group(stem)
+    ident = stem[len(group) + 1:] if stem != group else stem
+    ident = re.sub(r"^(flipped-|rotated-\d+-)", "", ident)
+    m = _PATIENT.search(ident)
+    if m:
+        key = m.group(1)
+        return key if key.startswith(("STS", "pat")) else f"{group}/{key}"
+    head = ident.split("-", 1)[0]
+    return f"{group}/{head if head.isdigit() else ident}"
 
 
 def _gt_for(img: Path) -> Path | None:
@@ -138,11 +172,22 @@ def index_slices(store: CaseStore, fg_only: bool = True, slice_stride: int = 1,
     return refs
 
 
-def modality_weights(refs: Sequence[SliceRef]) -> np.ndarray:
-    """Per-slice sampling weights giving every modality the same total weight."""
+def modality_weights(refs: Sequence[SliceRef], groups: Sequence[str] | None = None) -> np.ndarray:
+    """Per-slice sampling weights giving every modality the same total weight.
+
+    With ``groups`` (the source group of each ref) a modality's weight is further shared
+    equally by its groups, so a group with many slices (a 3D source) does not crowd out the
+    others of its modality.
+    """
     mods = [r.modality for r in refs]
-    counts = {m: mods.count(m) for m in set(mods)}
-    w = np.array([1.0 / counts[m] for m in mods], np.float64)
+    keys = list(zip(mods, groups, strict=True)) if groups is not None else [(m, "") for m in mods]
+    n_slices: dict[tuple[str, str], int] = {}
+    for k in keys:
+        n_slices[k] = n_slices.get(k, 0) + 1
+    n_groups: dict[str, int] = {}
+    for m, _g in n_slices:
+        n_groups[m] = n_groups.get(m, 0) + 1
+    w = np.array([1.0 / (n_groups[k[0]] * n_slices[k]) for k in keys], np.float64)
     return w / w.sum()
 
 
@@ -229,6 +274,13 @@ class PromptConfig:
     max_points: int = 3
     objects_per_image: int = 1
     min_pixels: int = 4  # at input size: smaller objects are not sampled
+    # 3D slices: prompt with the object's box on a slice up to neighbour_max_offset away (what
+    # the runtime's slice-to-slice propagation gives), with this probability.
+    neighbour_box_prob: float = 0.0
+    neighbour_max_offset: int = 3
+    # Loose boxes (users' boxes are not tight): each side moves out by up to this fraction.
+    loose_box_prob: float = 0.0
+    loose_box_max: float = 0.3
 
 
 @dataclass
@@ -278,6 +330,14 @@ def jitter_box(box: np.ndarray, rng: np.random.Generator, p: PromptConfig, size:
     b = np.clip(b, 0, size - 1)
     b[2], b[3] = max(b[2], b[0]), max(b[3], b[1])
     return b.astype(np.float32)
+
+
+def loosen_box(box: np.ndarray, rng: np.random.Generator, max_frac: float, size: int) -> np.ndarray:
+    """Move each side outwards by up to ``max_frac`` of the box's width/height (a user's loose box)."""
+    w, h = box[2] - box[0] + 1, box[3] - box[1] + 1
+    grow = rng.uniform(0, max_frac, size=4).astype(np.float32) * np.array([w, h, w, h], np.float32)
+    b = box + grow * np.array([-1, -1, 1, 1], np.float32)
+    return np.clip(b, 0, size - 1).astype(np.float32)
 
 
 def sample_points(mask: np.ndarray, box: np.ndarray | None, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -339,20 +399,41 @@ class PromptSliceDataset:
         labels = [int(v) for v in np.unique(lab) if v != 0]
         k = p.objects_per_image
         rng.shuffle(labels)
-        # Masks at input size through the same geometry as the image (resize, then pad).
-        masks = []
-        chosen = []
+        ref = self.refs[i]
+        volume = self.store.get(ref.case)[1] if ref.z >= 0 else None
+
+        def at_input(mask2d: np.ndarray) -> np.ndarray:
+            out = np.zeros((s, s), np.uint8)
+            out[: tf.new_h, : tf.new_w] = resize_2d(mask2d.astype(np.float32), (tf.new_h, tf.new_w)) >= 0.5
+            return out
+
+        # Masks at input size through the same geometry as the image (resize, then pad). A
+        # neighbour slice's mask of the same object, when drawn, rides along as an extra
+        # channel so that its box sees the same flips and affine transform.
+        masks: list[np.ndarray] = []
+        box_src: list[int] = []  # per target: the channel whose box prompts it
+        extra: list[np.ndarray] = []
         for v in labels:
-            m = np.zeros((s, s), np.uint8)
-            m[: tf.new_h, : tf.new_w] = resize_2d((lab == v).astype(np.float32), (tf.new_h, tf.new_w)) >= 0.5
-            if m.sum() >= p.min_pixels:
-                masks.append(m)
-                chosen.append(v)
-            if len(masks) == 3 * k:
+            m = at_input(lab == v)
+            if m.sum() < p.min_pixels:
+                continue
+            src = len(masks)
+            if self.train and volume is not None and p.neighbour_box_prob > 0 and rng.random() < p.neighbour_box_prob:
+                d = int(rng.integers(1, max(1, p.neighbour_max_offset) + 1)) * (1 if rng.random() < 0.5 else -1)
+                z2 = ref.z + d
+                if 0 <= z2 < volume.shape[0]:
+                    nb = at_input(volume[z2] == v)
+                    if nb.sum() >= 1:
+                        extra.append(nb)
+                        src = -len(extra)  # negative: an extra channel
+            masks.append(m)
+            box_src.append(src)
+            if len(masks) == k + 2:
                 break
         if not masks:  # every object vanished at this size: an empty target, prompt a box anyway
-            masks = [np.zeros((s, s), np.uint8)]
-        m = np.stack(masks)
+            masks, box_src = [np.zeros((s, s), np.uint8)], [0]
+        n_t = len(masks)
+        m = np.stack(masks + extra)
         if self.train and a.enabled:
             if rng.random() < a.hflip:
                 x, m = x[:, :, ::-1], m[:, :, ::-1]
@@ -360,31 +441,44 @@ class PromptSliceDataset:
                 x, m = x[:, ::-1, :], m[:, ::-1, :]
             if rng.random() < a.affine_prob:
                 x2, m2 = _affine(np.ascontiguousarray(x), np.ascontiguousarray(m), rng, a, self._black)
-                keep = m2.reshape(len(m2), -1).sum(1) >= p.min_pixels
-                if keep.any():
-                    x, m = x2, m2[keep]
-        m = m[:k] if len(m) >= k else np.concatenate([m, np.repeat(m[-1:], k - len(m), 0)])
+                if (m2[:n_t].reshape(n_t, -1).sum(1) >= p.min_pixels).any():
+                    x, m = x2, m2
+        targets, extras = m[:n_t], m[n_t:]
+        keep = [j for j in range(n_t) if targets[j].sum() >= p.min_pixels] or [0]
+        keep = keep[:k]
+        order = keep + [keep[-1]] * (k - len(keep))
         boxes = np.zeros((k, 4), np.float32)
         has_box = np.zeros(k, np.float32)
         npts = p.max_points
         coords = np.zeros((k, max(1, npts), 2), np.float32)
         plabels = -np.ones((k, max(1, npts)), np.float32)
-        for j in range(k):
-            mj = m[j].astype(bool)
+        out_masks = np.zeros((k, s, s), np.float32)
+        for j, t in enumerate(order):
+            mj = targets[t].astype(bool)
+            out_masks[j] = mj
             if not mj.any():
                 boxes[j] = (0, 0, s - 1, s - 1)
                 has_box[j] = 1
                 continue
             use_box = (not self.train) or rng.random() < p.box_prob
             box = box_from_mask(mj)
+            if self.train and box_src[t] < 0:
+                nb = extras[-box_src[t] - 1].astype(bool)
+                if nb.any():
+                    box = box_from_mask(nb)
             if use_box:
-                boxes[j] = jitter_box(box, rng, p, s) if self.train else box
+                if self.train:
+                    box = jitter_box(box, rng, p, s)
+                    if p.loose_box_prob > 0 and rng.random() < p.loose_box_prob:
+                        box = loosen_box(box, rng, p.loose_box_max, s)
+                boxes[j] = box
                 has_box[j] = 1
             n = 0
             if self.train and npts > 0 and (not use_box or rng.random() < p.point_prob):
                 n = int(rng.integers(1, npts + 1))
                 c, lbl = sample_points(mj, boxes[j] if use_box else None, n, rng)
                 coords[j, :n], plabels[j, :n] = c, lbl
+        m = out_masks
         return {
             "image": np.ascontiguousarray(x, np.float32),
             "masks": np.ascontiguousarray(m, np.float32),
@@ -397,21 +491,41 @@ class PromptSliceDataset:
         }
 
 
-def split_cases(cases: Sequence[CaseFiles], val_fraction: float, seed: int) -> tuple[list[CaseFiles], list[CaseFiles]]:
-    """Hold back a fraction of the cases (at least one per modality with >= 2 cases) for validation."""
-    if val_fraction <= 0:
-        return list(cases), []
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    by_mod: dict[str, list[CaseFiles]] = {}
-    for c in cases:
-        by_mod.setdefault(c.modality, []).append(c)
-    for mod in sorted(by_mod):
-        cs = by_mod[mod]
-        order = rng.permutation(len(cs))
-        n_val = min(len(cs) - 1, max(1, int(round(val_fraction * len(cs))))) if len(cs) > 1 else 0
-        val += [cs[j] for j in order[:n_val]]
-        train += [cs[j] for j in order[n_val:]]
+def split_cases(cases: Sequence[CaseFiles], val_fraction: float, seed: int,
+                val_groups: Sequence[str] = ()) -> tuple[list[CaseFiles], list[CaseFiles]]:
+    """Hold cases back for validation: whole source groups, then a fraction of the patients of each group.
+
+    ``val_groups``: every case whose :func:`case_group` contains one of these strings is
+    held back (sources never seen in training). ``val_fraction``: in every other group with
+    at least two patients (:func:`case_patient`), whole patients are held back until about
+    that fraction of the group's cases is (at least one patient; never one that holds over
+    half of its group), with all their cases in every group, so no patient is on both sides.
+    """
+    held_groups = {c.name for c in cases if any(g and g in case_group(c.name) for g in val_groups)}
+    rest = [c for c in cases if c.name not in held_groups]
+    held_patients: set[str] = set()
+    if val_fraction > 0:
+        rng = np.random.default_rng(seed)
+        by_group: dict[str, dict[str, int]] = {}
+        for c in rest:
+            pats = by_group.setdefault(case_group(c.name), {})
+            pats[case_patient(c.name)] = pats.get(case_patient(c.name), 0) + 1
+        for g in sorted(by_group):
+            counts = by_group[g]
+            pats = sorted(counts)
+            if len(pats) < 2:
+                continue
+            n_cases = sum(counts.values())
+            target = max(1, int(round(val_fraction * n_cases)))
+            held = 0
+            for j in rng.permutation(len(pats)):
+                # no patient that holds most of its group's cases: the group stays trainable
+                if held >= target or counts[pats[j]] * 2 > n_cases:
+                    continue
+                held_patients.add(pats[j])
+                held += counts[pats[j]]
+    train = [c for c in rest if case_patient(c.name) not in held_patients]
+    val = [c for c in cases if c.name in held_groups or case_patient(c.name) in held_patients]
     return sorted(train, key=lambda c: c.name), sorted(val, key=lambda c: c.name)
 
 
@@ -431,7 +545,7 @@ def build_split(data_cfg: Any, seed: int, fg_only: bool, slice_stride: int, val_
     if data_cfg.val:
         train_cases, val_cases = cases, find_cases(data_cfg.val)
     else:
-        train_cases, val_cases = split_cases(cases, data_cfg.val_fraction, seed)
+        train_cases, val_cases = split_cases(cases, data_cfg.val_fraction, seed, getattr(data_cfg, "val_groups", ()))
     store = CaseStore(train_cases, data_cfg.cached_cases)
     refs = index_slices(store, fg_only, slice_stride, data_cfg.max_slices_per_case)
     val_store = CaseStore(val_cases, data_cfg.cached_cases)

@@ -84,6 +84,7 @@ def lapsam_config(m: ModelSection) -> LapSamConfig:
                               backbone_weights=m.backbone_weights),
         teacher=m.teacher,
         teacher_checkpoint=m.teacher_checkpoint,
+        box_prior=m.box_prior,
     )
 
 
@@ -190,12 +191,14 @@ class Stage:
         """
         from torch.utils.data import DistributedSampler
 
-        from .data import DistributedWeightedSampler, modality_weights
+        from .data import DistributedWeightedSampler, case_group, modality_weights
 
         d, t = self.cfg.data, self.cfg.train
         if d.balance_modalities:
             n = d.samples_per_epoch or len(self.refs)
-            sampler = DistributedWeightedSampler(modality_weights(self.refs), n, self.info.world, self.info.rank, t.seed)
+            groups = [case_group(self.store.cases[r.case].name) for r in self.refs] if d.balance_groups else None
+            w = modality_weights(self.refs, groups)
+            sampler = DistributedWeightedSampler(w, n, self.info.world, self.info.rank, t.seed)
         else:
             sampler = DistributedSampler(self.dataset, num_replicas=self.info.world, rank=self.info.rank,
                                          shuffle=True, seed=t.seed, drop_last=True)

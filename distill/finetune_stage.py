@@ -33,6 +33,7 @@ from .data import (
     FinetuneItemConfig,
     PromptSliceDataset,
     build_split,
+    case_group,
 )
 from .engine import DistInfo, Stage, StepResult
 from .model import LapSam
@@ -119,8 +120,13 @@ def dsc(pred: np.ndarray, gt: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate_cases(model: LapSam, store: CaseStore, refs: list, device: torch.device) -> dict[str, float]:
-    """DSC per modality (and ``dsc``, their mean) with tight-box prompts; see the module doc."""
+def evaluate_cases(model: LapSam, store: CaseStore, refs: list, device: torch.device,
+                   case_sets: dict[str, set[int]] | None = None) -> dict[str, float]:
+    """DSC per modality (and ``dsc``, their mean) with tight-box prompts; see the module doc.
+
+    ``case_sets``: named sets of case indexes; each adds ``dsc_set_<name>``, the mean case DSC
+    over the set's cases.
+    """
     pp = model.preprocessing
     inter: dict[tuple[int, int], float] = {}
     sums: dict[tuple[int, int], float] = {}
@@ -152,6 +158,10 @@ def evaluate_cases(model: LapSam, store: CaseStore, refs: list, device: torch.de
         per_mod.setdefault(store.cases[ci].modality, []).append(float(np.mean(vals)))
     out = {f"dsc_{m}": float(np.mean(v)) for m, v in sorted(per_mod.items())}
     out["dsc"] = float(np.mean(list(out.values()))) if out else float("nan")
+    for name, members in (case_sets or {}).items():
+        vals = [float(np.mean(v)) for ci, v in per_case.items() if ci in members]
+        if vals:
+            out[f"dsc_set_{name}"] = float(np.mean(vals))
     return out
 
 
@@ -188,7 +198,10 @@ class FinetuneStage(Stage):
     def validate(self, model: LapSam) -> dict[str, float]:
         if not self.val_refs:
             return {}
-        return evaluate_cases(model, self.val_store, self.val_refs, self.info.device)
+        groups = self.cfg.data.val_groups
+        held = {i for i, c in enumerate(self.val_store.cases) if any(g and g in case_group(c.name) for g in groups)}
+        sets = {"groups": held, "patients": set(range(len(self.val_store.cases))) - held} if held else None
+        return evaluate_cases(model, self.val_store, self.val_refs, self.info.device, sets)
 
 
 def train_finetune(cfg: FinetuneConfig) -> dict[str, Any]:

@@ -53,6 +53,11 @@ class LapSamConfig:
     # their weights) come from.
     teacher: str = "sam2.1_hiera_t"
     teacher_checkpoint: str | None = None
+    # Box prior: the decoder predicts a correction to "inside the box" rather than a mask from
+    # nothing. ``box_prior`` is the initial value of a learned scale s; the low-res logits get
+    # +s inside the prompt's box and -s outside (nothing for prompts without a box). 0: off,
+    # SAM2's decoder as it is (what a distilled SAM2/MedSAM2 decoder expects).
+    box_prior: float = 0.0
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -67,6 +72,7 @@ class LapSamConfig:
             student=StudentConfig(**d.get("student", {})),
             teacher=d.get("teacher", "sam2.1_hiera_t"),
             teacher_checkpoint=d.get("teacher_checkpoint"),
+            box_prior=float(d.get("box_prior", 0.0)),
         )
 
 
@@ -134,6 +140,36 @@ class StudentEncoder(nn.Module):
         return self.neck(self.backbone(x))
 
 
+class BoxPrior(nn.Module):
+    """Adds ``s * (+1 inside the box, -1 outside)`` to low-res logits, with a learned scale ``s``.
+
+    The box is read from the SAM2-style point prompt: the first two points, when labelled 2
+    and 3, are its corners in model-input pixels (inclusive pixel indices, so the box covers
+    ``[x0, x1 + 1) x [y0, y1 + 1)``). A low-res cell is inside when its centre is. Prompts
+    whose first label is not 2 (clicks only) get no prior. Written with comparisons and
+    arithmetic only, so the same code exports to ONNX (see ``lapsam.export.graphs``).
+    """
+
+    def __init__(self, init_scale: float, input_size: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(float(init_scale)))
+        self.input_size = int(input_size)
+
+    def forward(self, low_res: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        lh, lw = low_res.shape[-2:]
+        step_y, step_x = self.input_size / lh, self.input_size / lw
+        cy = (torch.arange(lh, dtype=torch.float32, device=low_res.device) + 0.5) * step_y
+        cx = (torch.arange(lw, dtype=torch.float32, device=low_res.device) + 0.5) * step_x
+        c = coords[:, :2].to(torch.float32)
+        x0, y0 = c[:, 0, 0].reshape(-1, 1, 1), c[:, 0, 1].reshape(-1, 1, 1)
+        x1, y1 = c[:, 1, 0].reshape(-1, 1, 1) + 1.0, c[:, 1, 1].reshape(-1, 1, 1) + 1.0
+        inside_y = ((cy.reshape(1, -1, 1) >= y0) & (cy.reshape(1, -1, 1) < y1)).to(torch.float32)
+        inside_x = ((cx.reshape(1, 1, -1) >= x0) & (cx.reshape(1, 1, -1) < x1)).to(torch.float32)
+        sign = 2.0 * inside_y * inside_x - 1.0  # (B, lh, lw)
+        active = (labels[:, 0] == 2).to(torch.float32).reshape(-1, 1, 1)
+        return low_res + (self.scale * active * sign).unsqueeze(1).to(low_res.dtype)
+
+
 class LapSam(nn.Module):
     """Student encoder + SAM2 prompt encoder + SAM2 mask decoder, single-mask output."""
 
@@ -143,6 +179,7 @@ class LapSam(nn.Module):
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
+        self.box_prior = BoxPrior(config.box_prior, config.student.input_size) if config.box_prior else None
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -183,6 +220,8 @@ class LapSam(nn.Module):
             high_res_features=[high_res_feats_0, high_res_feats_1],
         )
         low_res_masks, iou_pred = out[0], out[1]
+        if self.box_prior is not None:
+            low_res_masks = self.box_prior(low_res_masks, coords, labels)
         return low_res_masks, iou_pred
 
     def forward(self, images: torch.Tensor, boxes: torch.Tensor | None = None, point_coords: torch.Tensor | None = None,

@@ -8,9 +8,13 @@ encoder inside the decoder graph and takes the fixed input set of the graph cont
 
 * a box becomes two corner points labelled 2 and 3, placed before the clicks, and a padding
   point (label -1) is appended, as SAM2's prompt encoder does when no separate box is given;
+  a box of -1s (``x_max < 0``) means clicks only: its two corners are padding points too;
 * the dense prompt is ``mask_downscaling(mask_input)`` where ``has_mask_input`` is 1 and
   ``no_mask_embed`` where it is 0 (a blend, so one graph serves both cases);
-* the dense positional encoding is a constant of the graph (it depends only on the grid).
+* the dense positional encoding is a constant of the graph (it depends only on the grid);
+* with a box prior (``LapSamConfig.box_prior``) the same :class:`~lapsam.distill.model.BoxPrior`
+  module adds its learned +-s to the low-res logits inside the graph, so the runtime needs
+  nothing to know about it.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class DecoderGraph(nn.Module):
         super().__init__()
         self.prompt_encoder = model.prompt_encoder
         self.mask_decoder = model.mask_decoder
+        self.box_prior = model.box_prior
         # Constant of the graph: dense PE of the embedding grid (1, 256, E, E).
         self.register_buffer("dense_pe", model.prompt_encoder.get_dense_pe().detach().clone(), persistent=False)
 
@@ -54,7 +59,11 @@ class DecoderGraph(nn.Module):
         pe = self.prompt_encoder
         b = boxes.shape[0]
         corners = boxes.reshape(-1, 2, 2)
+        # A box row of -1s means "no box" (clicks only): its corners become padding points
+        # (label -1), as in training, and get no box prior.
+        has_box = (boxes[:, 2:3] >= 0).to(torch.float32)
         corner_labels = torch.tensor([2.0, 3.0], dtype=torch.float32).reshape(1, 2).expand(b, 2)
+        corner_labels = has_box * corner_labels + (1.0 - has_box) * -1.0
         coords = torch.cat([corners, point_coords], dim=1)
         labels = torch.cat([corner_labels, point_labels], dim=1)
         sparse = pe._embed_points(coords, labels, pad=True)
@@ -73,7 +82,10 @@ class DecoderGraph(nn.Module):
             repeat_image=True,
             high_res_features=[high_res_feats_0, high_res_feats_1],
         )
-        return out[0], out[1]
+        low_res = out[0]
+        if self.box_prior is not None:
+            low_res = self.box_prior(low_res, coords, labels)
+        return low_res, out[1]
 
 
 def example_decoder_inputs(input_size: int, num_boxes: int = 2, num_points: int = 1) -> tuple[torch.Tensor, ...]:

@@ -10,7 +10,8 @@ encoder  ``image`` (1, 3, S, S), already resized/padded/normalised
          -> ``image_embed`` (1, 256, E, E)  (SAM2's ``no_mem_embed`` already added)
             ``high_res_feats_0`` (1, 32, 4E, 4E), ``high_res_feats_1`` (1, 64, 2E, 2E)
 decoder  the three encoder outputs, plus
-         ``boxes`` (B, 4) xyxy in model-input pixels (B dynamic: all objects at once),
+         ``boxes`` (B, 4) xyxy in model-input pixels (B dynamic: all objects at once; a row
+         of -1s: no box, the prompt is its clicks alone),
          ``point_coords`` (B, P, 2) xy in model-input pixels, ``point_labels`` (B, P)
          (1 foreground, 0 background, -1 padding; P dynamic, may be 0),
          ``mask_input`` (B, 1, L, L) logits of a previous mask, ``has_mask_input`` (B,)

@@ -1,8 +1,10 @@
 """Numpy pre- and post-processing, exactly as the manifest's :class:`Preprocessing` records it.
 
 Used by the runtime (no torch) and by distill's data pipeline, so training and inference
-see identical inputs. Resizing is a pair of interpolation matrices that reproduce
-PyTorch's ``F.interpolate(mode="bilinear", align_corners=False, antialias=False)``.
+see identical inputs. Images are resized like SAM2's torchvision ``Resize`` (bilinear,
+antialiased: :func:`resize_2d`); low-res mask logits are enlarged like SAM2's post-processing,
+``F.interpolate(mode="bilinear", align_corners=False)`` without antialiasing
+(:func:`resize_matrix`, :func:`upsample_logits`).
 """
 
 from __future__ import annotations
@@ -45,26 +47,58 @@ def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     return m
 
 
+@lru_cache(maxsize=128)
+def _aa_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights, each (out_size, K), of torchvision's antialiased bilinear resize.
+
+    The rule of ATen's ``_upsample_bilinear2d_aa`` (PIL's resampling): a triangle filter whose
+    support grows with the shrink factor (``scale = in/out`` when > 1, else 1), centred at
+    ``(i + 0.5) * scale``, weights normalised to sum 1 over the window that lies inside the
+    image. When enlarging it is the ordinary half-pixel bilinear interpolation.
+    """
+    scale = in_size / out_size
+    support = scale if scale >= 1.0 else 1.0
+    inv = 1.0 / scale if scale >= 1.0 else 1.0
+    centre = scale * (np.arange(out_size, dtype=np.float64) + 0.5)
+    # C++ casts truncate toward zero; both bounds are then clamped to the image.
+    lo = np.maximum(np.trunc(centre - support + 0.5).astype(np.int64), 0)
+    hi = np.minimum(np.trunc(centre + support + 0.5).astype(np.int64), in_size)
+    k = max(1, int((hi - lo).max()))
+    j = lo[:, None] + np.arange(k)[None, :]
+    w = np.clip(1.0 - np.abs((j - centre[:, None] + 0.5) * inv), 0.0, None)
+    w[j >= hi[:, None]] = 0.0
+    w /= w.sum(axis=1, keepdims=True)
+    idx = np.minimum(j, in_size - 1)
+    w = w.astype(np.float32)
+    for a in (idx, w):
+        a.flags.writeable = False
+    return idx, w
+
+
 def _resize_axis(x: np.ndarray, out_size: int, axis: int) -> np.ndarray:
-    """Two-tap bilinear resize of one axis: O(output size), whatever the scale factor."""
-    i0, i1, w1 = _taps(x.shape[axis], out_size)
+    """Antialiased bilinear resize of one axis: K gathers of the output size (K = taps per sample)."""
+    idx, w = _aa_taps(x.shape[axis], out_size)
     shape = [1] * x.ndim
     shape[axis] = out_size
-    w = w1.astype(np.float32).reshape(shape)
-    a = np.take(x, i0, axis=axis)
-    b = np.take(x, i1, axis=axis)
-    # a + w * (b - a), computed in place on the gathered copies
-    np.subtract(b, a, out=b)
-    np.multiply(b, w, out=b)
-    np.add(a, b, out=a)
-    return a
+    out = np.take(x, idx[:, 0], axis=axis)
+    out *= w[:, 0].reshape(shape)
+    for t in range(1, idx.shape[1]):
+        col = w[:, t]
+        if not col.any():
+            continue
+        g = np.take(x, idx[:, t], axis=axis)
+        g *= col.reshape(shape)
+        out += g
+    return out
 
 
 def resize_2d(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of the first two axes of ``x`` (H, W[, C]) to ``out_hw``, float32.
+    """Antialiased bilinear resize of the first two axes of ``x`` (H, W[, C]) to ``out_hw``, float32.
 
-    Equal to ``F.interpolate(mode="bilinear", align_corners=False, antialias=False)`` up to
-    float rounding. The axis that shrinks most is resized first, so the intermediate is small.
+    Equal to torchvision's ``Resize`` on a tensor (``antialias=True``, what SAM2's transforms
+    use), i.e. ``F.interpolate(mode="bilinear", align_corners=False, antialias=True)``, up to
+    float rounding, when shrinking and when enlarging. The axis that shrinks most is resized
+    first, so the intermediate is small.
     """
     oh, ow = int(out_hw[0]), int(out_hw[1])
     x = np.asarray(x)
