@@ -86,6 +86,13 @@ def test_teacher_matches_sam2_predictor() -> None:
     assert [tuple(f.shape[1:]) for f in feats] == feature_shapes(256)
     for a, b in zip(feats, ref, strict=False):
         assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
+    # shrinking (SAM2's Resize antialiases): 600 x 900 -> 256, like a large 2D image
+    big = (np.random.default_rng(1).random((600, 900, 3)) * 255).astype(np.uint8)
+    pred.set_image(big)
+    xb, _ = preprocess_image(big, teacher.preprocessing())
+    ref_b = [pred._features["image_embed"], *pred._features["high_res_feats"]]
+    for a, b in zip(teacher(torch.from_numpy(xb)), ref_b, strict=True):
+        assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
     # no_mem_embed is really added
     assert not torch.allclose(feats[0], teacher.image_encoder(torch.from_numpy(x))["backbone_fpn"][-1])
     # matched to a 128 student grid: area mean of 2x2 blocks
