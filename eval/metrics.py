@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -36,13 +35,14 @@ from pathlib import Path
 import numpy as np
 
 from lapsam.case import list_cases
-from lapsam.errors import CaseError
+from lapsam.errors import CaseError, LapsamError
+from lapsam.io import check_output_file
 from lapsam.modality import parse_modality, split_name
 from lapsam.safe_npz import load_npz
 
 from .surface_compat import surface_metrics
 from .tables import (
-    atomic_write_text,
+    atomic_write_texts,
     csv_float,
     csv_text,
     markdown_table,
@@ -138,6 +138,11 @@ def score_arrays(
     """
     if gt.shape != seg.shape:
         raise ValueError(f"shape mismatch: gt {gt.shape} vs seg {seg.shape}")
+    for what, arr in (("gt", gt), ("seg", seg)):
+        if arr.dtype.kind not in "biu":
+            raise ValueError(f"{what} has dtype {arr.dtype}; expected integer labels")
+        if arr.size and arr.dtype.kind == "i" and int(arr.min()) < 0:
+            raise ValueError(f"{what} has negative labels")
     if is_3d and gt.ndim != 3:
         raise ValueError(f"3D case needs 3D arrays, got shape {gt.shape}")
     if not is_3d and gt.ndim != 2:
@@ -145,6 +150,10 @@ def score_arrays(
     # int(): numpy 2 keeps uint8 in gt.max() + 1, which wraps to 0 at label 255.
     n_labels = int(gt.max()) if gt.size else 0
     labels = range(1, n_labels + 1)
+    # Per-label DSC from voxel counts in one pass (2|A∩B| / (|A| + |B|), NaN when both are empty,
+    # as compute_dice_coefficient): a label absent from both masks is never visited, so one stray
+    # large label (65535 in a uint16 CT) costs nothing instead of 65535 full-volume passes.
+    dsc_values, present = _label_dscs(gt, seg, n_labels)
     sp3 = tuple(float(s) for s in (spacing if spacing is not None else (1.0, 1.0, 1.0)))
 
     if config.mode == "challenge":
@@ -158,9 +167,7 @@ def score_arrays(
         else:
             nsd_gt, nsd_seg, nsd_spacing = gt, seg, (1.0, 1.0)
 
-    dscs: list[float] = []
-    for i in labels:
-        dscs.append(label_dsc(gt == i, seg == i))
+    dscs: list[float] = dsc_values.tolist()
 
     def nsd_of(i: int) -> float:
         return label_nsd(nsd_gt == i, nsd_seg == i, nsd_spacing, config.tolerance)
@@ -168,20 +175,48 @@ def score_arrays(
     if config.mode == "challenge":
         dsc = _plain_mean(dscs)
         if dsc > NSD_DSC_THRESHOLD:  # NaN > 0.2 is False: NSD 0, as in compute_metrics.py
+            # (DSC > 0.2 means no label was NaN, i.e. every label 1..max(gt) is present.)
             nsds: list[float | None] = [nsd_of(i) for i in labels]
             nsd = _plain_mean([v for v in nsds if v is not None])
         else:
             nsds = [None] * len(dscs)
             nsd = 0.0
     else:
-        nsds = [float("nan") if math.isnan(d) else nsd_of(i) for i, d in zip(labels, dscs, strict=True)]
+        nsds = [float("nan")] * len(dscs)
+        for i in present:  # labels absent from both masks stay NaN without being visited
+            nsds[i - 1] = nsd_of(int(i))
         dsc = _nanmean(dscs)
         nsd = _nanmean([v for v in nsds if v is not None])
     per_label = [LabelScore(i, d, n) for i, d, n in zip(labels, dscs, nsds, strict=True)]
     return dsc, nsd, per_label
 
 
+def _label_counts(arr: np.ndarray, n: int) -> np.ndarray:
+    """Number of elements equal to each label 0..n (labels above n ignored), in one pass."""
+    flat = arr.ravel()
+    if flat.size and int(flat.max()) > n:
+        flat = flat[flat <= n]
+    if flat.dtype.kind == "b" or flat.dtype == np.uint64:
+        flat = flat.astype(np.int64)
+    return np.bincount(flat, minlength=n + 1)[: n + 1]
+
+
+def _label_dscs(gt: np.ndarray, seg: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """DSC of labels 1..n (NaN where a label is in neither array) and the labels present in either.
+
+    Both arrays hold non-negative integer labels (checked when read).
+    """
+    sums = _label_counts(gt, n) + _label_counts(seg, n)
+    inter = _label_counts(gt[gt == seg], n)
+    present = np.flatnonzero(sums[1:] > 0) + 1
+    dscs = np.full(n, np.nan)
+    dscs[present - 1] = 2.0 * inter[present] / sums[present]
+    return dscs, present
+
+
 # --------------------------------------------------------------------------- one case from files
+
+MAX_LABEL = 65535  # the largest label a segs file can hold (uint16)
 
 def _kind_of(name: str, gt: np.ndarray) -> str:
     tag, _ = split_name(name)
@@ -205,6 +240,8 @@ def _read_gt(path: Path) -> tuple[np.ndarray, tuple[float, float, float] | None]
         raise CaseError(path, f"'gts' has dtype {gt.dtype}; expected integer labels")
     if gt.size and int(gt.min()) < 0:
         raise CaseError(path, "'gts' has negative labels")
+    if gt.size and int(gt.max()) > MAX_LABEL:
+        raise CaseError(path, f"'gts' has label {int(gt.max())}, above {MAX_LABEL} (the most a segs file can hold)")
     spacing = None
     if "spacing" in arrays:
         sp = np.asarray(arrays["spacing"])
@@ -215,7 +252,9 @@ def _read_gt(path: Path) -> tuple[np.ndarray, tuple[float, float, float] | None]
     return gt, spacing  # type: ignore[return-value]
 
 
-def _read_seg(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+def _read_seg(path: Path, shape: tuple[int, ...], warnings: list[str] | None = None) -> np.ndarray:
+    """The prediction's labels: integers >= 0 of the reference's shape (a float array of whole
+    numbers is accepted with a warning); anything else is a :class:`CaseError`."""
     if not path.exists():
         raise CaseError(path, "prediction file is missing")
     arrays = load_npz(path)
@@ -228,7 +267,24 @@ def _read_seg(path: Path, shape: tuple[int, ...]) -> np.ndarray:
         raise CaseError(path, f"'segs' has dtype {seg.dtype}; expected integer labels")
     if seg.shape != shape:
         raise CaseError(path, f"'segs' has shape {seg.shape}; the reference has {shape}")
+    if seg.dtype.kind == "f":
+        if not np.isfinite(seg).all():
+            raise CaseError(path, f"'segs' has NaN or infinite values (dtype {seg.dtype}); expected integer labels")
+        if not np.all(np.floor(seg) == seg):
+            raise CaseError(path, f"'segs' has non-integer values (dtype {seg.dtype}); expected integer labels")
+        if seg.size and (float(seg.min()) < 0 or float(seg.max()) > MAX_LABEL):
+            raise CaseError(path, f"'segs' has labels outside 0..{MAX_LABEL}")
+        if warnings is not None:
+            warnings.append(f"prediction: 'segs' has dtype {seg.dtype}; its whole-number values are read as labels")
+        seg = seg.astype(np.int64)
+    if seg.size and int(seg.min()) < 0:
+        raise CaseError(path, f"'segs' has negative labels (min {int(seg.min())})")
     return seg
+
+
+def _why(exc: BaseException) -> str:
+    """The problem without the file name (the case column already names the file)."""
+    return exc.problem if isinstance(exc, CaseError) else str(exc)
 
 
 def evaluate_case(gt_path: str | Path, seg_path: str | Path, config: MetricsConfig = MetricsConfig()) -> CaseResult:
@@ -240,7 +296,7 @@ def evaluate_case(gt_path: str | Path, seg_path: str | Path, config: MetricsConf
         gt, spacing = _read_gt(gt_path)
     except (CaseError, OSError) as exc:
         return CaseResult(name, modality, split_name(name)[0] or "?", math.nan, math.nan, status=GT_ERROR,
-                          error=f"reference: {exc}")
+                          error=f"reference: {_why(exc)}")
     kind = _kind_of(name, gt)
     warnings: list[str] = []
     if (kind == "3D" and gt.ndim != 3) or (kind == "2D" and gt.ndim != 2):
@@ -250,13 +306,14 @@ def evaluate_case(gt_path: str | Path, seg_path: str | Path, config: MetricsConf
         warnings.append("reference has no spacing; (1, 1, 1) assumed")
         log.warning("%s: reference has no spacing; (1, 1, 1) assumed", name)
     try:
-        seg = _read_seg(seg_path, gt.shape)
+        seg = _read_seg(seg_path, gt.shape, warnings)
     except (CaseError, OSError) as exc:
-        return CaseResult(name, modality, kind, 0.0, 0.0, status=FAILED, error=str(exc), warnings=warnings)
+        return CaseResult(name, modality, kind, 0.0, 0.0, status=FAILED, error=f"prediction: {_why(exc)}",
+                          warnings=warnings)
     try:
         dsc, nsd, labels = score_arrays(gt, seg, is_3d=kind == "3D", spacing=spacing, config=config)
     except (ValueError, MemoryError) as exc:
-        return CaseResult(name, modality, kind, 0.0, 0.0, status=FAILED, error=f"{seg_path.name}: {exc}",
+        return CaseResult(name, modality, kind, 0.0, 0.0, status=FAILED, error=f"prediction: {exc}",
                           warnings=warnings)
     return CaseResult(name, modality, kind, dsc, nsd, labels, warnings=warnings)
 
@@ -398,9 +455,28 @@ def render_markdown(result: FolderResult, segs_dir: str | Path, gts_dir: str | P
     return "".join(parts)
 
 
+def output_paths(csv_path: str | Path) -> list[Path]:
+    """The files ``lapsam eval metrics -o CSV`` writes: CSV, CSV's ``_labels.csv`` and ``.md`` siblings."""
+    csv_path = Path(csv_path)
+    return [csv_path, sibling(csv_path, "_labels", ".csv"), sibling(csv_path, "", ".md")]
+
+
+def check_outputs(csv_path: str | Path) -> list[Path]:
+    """Check before scoring that every output file can be written (:class:`~lapsam.errors.UsageError`,
+    exit code 2, otherwise), so that no scoring is lost at the write."""
+    paths = output_paths(csv_path)
+    for p in paths:
+        check_output_file(p)
+    return paths
+
+
 def write_outputs(result: FolderResult, csv_path: str | Path, segs_dir: str | Path, gts_dir: str | Path) -> list[Path]:
     """``metrics.csv`` (case,dsc,nsd, 4 decimals, as the organisers write it), ``metrics_labels.csv``
-    (per label, with status and error) and ``metrics.md``. Each file is written atomically."""
+    (per label, with status and error) and ``metrics.md``.
+
+    All three are written together (:func:`.tables.atomic_write_texts`): each is either the old
+    file or complete. A write that fails raises :class:`~lapsam.errors.LapsamError` (one line).
+    """
     csv_path = Path(csv_path)
     main = csv_text(("case", "dsc", "nsd"), [[c.case, csv_float(c.dsc), csv_float(c.nsd)] for c in result.cases])
     label_rows: list[list[object]] = []
@@ -412,12 +488,12 @@ def write_outputs(result: FolderResult, csv_path: str | Path, segs_dir: str | Pa
         else:
             label_rows.append([c.case, c.modality, c.kind, "", csv_float(c.dsc), csv_float(c.nsd), c.status, c.error or ""])
     labels = csv_text(("case", "modality", "kind", "label", "dsc", "nsd", "status", "error"), label_rows)
-    paths = [
-        atomic_write_text(csv_path, main),
-        atomic_write_text(sibling(csv_path, "_labels", ".csv"), labels),
-        atomic_write_text(sibling(csv_path, "", ".md"), render_markdown(result, segs_dir, gts_dir)),
-    ]
-    return paths
+    texts = [main, labels, render_markdown(result, segs_dir, gts_dir)]
+    paths = output_paths(csv_path)
+    try:
+        return atomic_write_texts(dict(zip(paths, texts, strict=True)))
+    except OSError as exc:
+        raise LapsamError(f"cannot write {exc.filename or csv_path}: {exc.strerror or exc}") from None
 
 
 def print_tables(result: FolderResult, max_cases: int = 100) -> str:
@@ -468,7 +544,3 @@ def read_metrics_csv(path: str | Path) -> list[MetricsRow]:
             if m.case in status:
                 m.status, m.error = status[m.case]
     return out
-
-
-def default_workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 1) // 2))

@@ -5,15 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from lapsam.io import atomic_write
-
-
-def is_nan(x: Any) -> bool:
-    return isinstance(x, float) and math.isnan(x)
 
 
 def fmt(x: Any, digits: int = 4) -> str:
@@ -69,6 +66,17 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_write(path, "w", encoding="utf-8", newline="") as fp:
         fp.write(text)
     return Path(path)
+
+
+def atomic_write_texts(files: Mapping[Path, str]) -> list[Path]:
+    """Write several text files so that each is the old file or complete, and a failure on any
+    of them (disk full, a folder in the way) leaves every one of them as it was."""
+    with ExitStack() as stack:
+        fps = [(stack.enter_context(atomic_write(p, "w", encoding="utf-8", newline="")), text)
+               for p, text in files.items()]
+        for fp, text in fps:
+            fp.write(text)
+    return [Path(p) for p in files]
 
 
 def csv_text(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

@@ -18,7 +18,11 @@ Validation (documented behaviour, each tested):
 * non-uint8 images: integer or float images whose values already lie in 0..255 are cast;
   otherwise they are rescaled linearly from their min..max to 0..255 (a warning says so);
   NaN/inf, bool or complex images -> :class:`CaseError`;
-* an inverted box (min > max on any axis) -> :class:`CaseError`;
+* an inverted box (min > max on any axis), a box value beyond int64 (e.g. a float 1e30), a
+  2025 box-dict or click value that is not an integer or beyond int64 -> :class:`CaseError`
+  naming the field (``boxes[0]['z_max']``);
+* a 2025 ``z_mid`` outside its box's ``z_min..z_max`` is clipped into it, with a warning;
+* a 2025 ``prev_pred`` with labels outside ``0..number of classes`` -> :class:`CaseError`;
 * a box partly outside the image is clipped, with a warning;
 * a box wholly outside the image is recorded in ``box_errors`` (that label stays empty);
 * zero boxes is valid: the output is an all-zero ``segs``.
@@ -42,6 +46,18 @@ log = logging.getLogger(__name__)
 FORMAT_2024 = "2024"
 FORMAT_2025 = "2025"
 _BOX_DICT_KEYS = ("z_min", "z_max", "z_mid", "z_mid_x_min", "z_mid_y_min", "z_mid_x_max", "z_mid_y_max")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _as_int(v: Any, field_name: str, path: Path | None) -> int:
+    """One integer field of a 2025 object key; any bad value is a :class:`CaseError` naming the field."""
+    try:
+        out = int(v)
+    except (TypeError, ValueError, OverflowError):
+        raise CaseError(path, f"{field_name} is not an integer: {v!r}") from None
+    if not _INT64_MIN <= out <= _INT64_MAX:
+        raise CaseError(path, f"{field_name} = {out} is out of range (beyond int64)")
+    return out
 
 
 @dataclass
@@ -158,6 +174,11 @@ def _as_box_array(raw: np.ndarray, ncols: int, path: Path | None) -> np.ndarray:
         if not np.isfinite(arr).all():
             raise CaseError(path, "boxes contains NaN or infinite values")
         arr = np.rint(arr)
+        big = np.abs(arr) >= 2.0**63
+        if big.any():
+            raise CaseError(path, f"boxes value {float(arr[big][0]):g} is out of range (beyond int64)")
+    elif arr.dtype.kind == "u" and arr.size and int(arr.max()) > _INT64_MAX:
+        raise CaseError(path, f"boxes value {int(arr.max())} is out of range (beyond int64)")
     return arr.astype(np.int64)
 
 
@@ -228,10 +249,7 @@ def _parse_box_dicts(raw: np.ndarray, path: Path | None) -> list[dict[str, int]]
         missing = [k for k in _BOX_DICT_KEYS if k not in d and k != "z_mid"]
         if missing:
             raise CaseError(path, f"boxes[{i}] lacks keys {missing}")
-        try:
-            entry = {k: int(d[k]) for k in _BOX_DICT_KEYS if k in d}
-        except (TypeError, ValueError):
-            raise CaseError(path, f"boxes[{i}] has non-integer values: {d}") from None
+        entry = {k: _as_int(d[k], f"boxes[{i}]['{k}']", path) for k in _BOX_DICT_KEYS if k in d}
         entry.setdefault("z_mid", (entry["z_min"] + entry["z_max"]) // 2)
         out.append(entry)
     return out
@@ -247,8 +265,8 @@ def _parse_clicks(raw: np.ndarray, path: Path | None) -> list[dict[str, list[lis
         for kind in ("fg", "bg"):
             pts = c.get(kind, []) or []
             try:
-                entry[kind] = [[int(p) for p in pt] for pt in pts]
-            except (TypeError, ValueError):
+                entry[kind] = [[_as_int(p, f"clicks[{i}]['{kind}']", path) for p in pt] for pt in pts]
+            except TypeError:
                 raise CaseError(path, f"clicks[{i}]['{kind}'] is not a list of [z, y, x] points") from None
             if any(len(pt) != 3 for pt in entry[kind]):
                 raise CaseError(path, f"clicks[{i}]['{kind}'] has points that are not [z, y, x]")
@@ -320,6 +338,11 @@ def case_from_arrays(
                 raise CaseError(path, f"prev_pred has dtype {prev_pred.dtype}; expected integer labels")
         if box_dicts is None and clicks is None:
             raise CaseError(path, "2025-format case has neither boxes nor clicks")
+        if prev_pred is not None and prev_pred.size:
+            n_obj = max(raw.shape[0], len(clicks) if clicks is not None else 0)
+            lo, hi = int(prev_pred.min()), int(prev_pred.max())
+            if lo < 0 or hi > n_obj:
+                raise CaseError(path, f"prev_pred has labels {lo}..{hi}; expected 0..{n_obj} (one per class)")
     else:
         if "boxes" not in arrays:
             raise CaseError(path, f"missing key 'boxes' (keys present: {sorted(arrays)})")
@@ -331,6 +354,15 @@ def case_from_arrays(
     else:
         h, w = img.shape[:2]
         extent = (w, h)
+    if box_mid_z is not None:
+        outside = np.nonzero((box_mid_z < raw[:, 2]) | (box_mid_z > raw[:, 5]))[0]
+        if outside.size:
+            warnings.append(
+                "z_mid outside its box's z_min..z_max, clipped into it: "
+                + ", ".join(f"box {int(i) + 1} z_mid {int(box_mid_z[i])} not in {int(raw[i, 2])}..{int(raw[i, 5])}"
+                            for i in outside[:5])
+                + (" ..." if outside.size > 5 else "")
+            )
     boxes, box_errors = _check_boxes(raw, extent, path, warnings)
     if box_mid_z is not None:
         box_mid_z = np.clip(box_mid_z, boxes[:, 2], boxes[:, 5])

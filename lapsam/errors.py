@@ -6,7 +6,32 @@ from pathlib import Path
 
 
 class LapsamError(Exception):
-    """Base class for errors that lapsam reports to users as one line."""
+    """Base class for errors that lapsam reports to users as one line.
+
+    ``lapsam`` exits with :attr:`exit_code` when one reaches the command line.
+    """
+
+    exit_code: int = 1
+
+
+class UsageError(LapsamError):
+    """A command cannot start: an input or output path or an argument is wrong.
+
+    Raised by the checks a command makes before any work (exit code 2, as argparse uses).
+    """
+
+    exit_code = 2
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (``docker stop``, a timeout, a job scheduler).
+
+    A :class:`BaseException` like :class:`KeyboardInterrupt`, so per-case ``except Exception``
+    handlers do not swallow it, while ``finally`` blocks and :func:`lapsam.io.atomic_write`
+    clean up on the way out. Exit code 143 (128 + SIGTERM).
+    """
+
+    exit_code = 143
 
 
 class CaseError(LapsamError):

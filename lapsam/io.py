@@ -1,10 +1,12 @@
-"""Writing results: ``segs`` npz files written atomically."""
+"""Writing results: ``segs`` npz files written atomically; output paths checked before any work."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -12,6 +14,83 @@ from typing import IO
 import numpy as np
 
 from .case import segs_dtype
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
+
+# atomic_write's temporary file for NAME is ".NAME.<mkstemp's random part>.tmp" beside it.
+_TEMP_SUFFIX = ".tmp"
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}."
+
+
+def stale_temp_files(folder: str | Path, names: Iterable[str]) -> list[Path]:
+    """Temporary files that :func:`atomic_write` left in ``folder`` for the files ``names``.
+
+    They remain only when a process was killed while writing (SIGKILL, power loss): any other
+    interruption removes them.
+    """
+    folder = Path(folder)
+    wanted = set(names)
+    if not wanted or not folder.is_dir():
+        return []
+    pattern = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+" + re.escape(_TEMP_SUFFIX) + "$")
+    out = []
+    for p in folder.iterdir():
+        m = pattern.match(p.name)
+        if m and m.group("name") in wanted and p.is_file():
+            out.append(p)
+    return sorted(out)
+
+
+def remove_stale_temp_files(folder: str | Path, names: Iterable[str]) -> list[Path]:
+    """Remove :func:`stale_temp_files` (logged); returns what was removed."""
+    removed = []
+    for p in stale_temp_files(folder, names):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(p)
+    if removed:
+        log.info("%s: removed %d temporary file(s) left by an interrupted run", folder, len(removed))
+    return removed
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """Make sure ``path`` is a folder this process can write into (created if absent).
+
+    Meant to run before any long work, so that results are never computed only to be lost at
+    the write. Raises :class:`UsageError` (one line, exit code 2) otherwise.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"output folder {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"output folder {path} cannot be created: {exc.strerror or exc}") from None
+    # A real write: os.access() is wrong for root, ACLs, read-only mounts and full quotas.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lapsam-write-check.", suffix=_TEMP_SUFFIX, dir=path)
+    except OSError as exc:
+        raise UsageError(f"output folder {path} is not writable: {exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+def check_output_file(path: str | Path) -> Path:
+    """Make sure the file ``path`` can be written (its folder is checked with :func:`check_output_dir`)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"output file {path} is a folder")
+    if path.exists() and not path.is_file():
+        raise UsageError(f"output file {path} is not a regular file")
+    check_output_dir(path.parent)
+    return path
 
 
 @contextmanager
@@ -23,7 +102,7 @@ def atomic_write(path: str | Path, mode: str = "wb", **open_kwargs) -> Iterator[
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=_TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, mode, **open_kwargs) as fp:
             yield fp

@@ -1,15 +1,35 @@
-"""Run a predictor over a folder of cases: progress, per-case log, summary, atomic outputs."""
+"""Run a predictor over a folder of cases: progress, per-case log, summary, atomic outputs.
+
+Order of work (each step is a check that fails fast, before the costly ones):
+
+1. list the input cases (absent or empty input: :class:`~lapsam.errors.UsageError`, exit 2);
+2. check the output folder: created if absent, must be a folder this process can write
+   (:func:`lapsam.io.check_output_dir`; :class:`~lapsam.errors.UsageError`, exit 2), so that
+   no case is computed only to be lost at the write;
+3. remove the temporary files an earlier run killed mid-write (SIGKILL) left for these cases;
+4. load the model once, then run every case; a failing case does not stop the others.
+
+SIGINT and SIGTERM (``docker stop``, timeouts) stop the run between two Python steps: the
+output being written is discarded (its temporary file removed by :func:`lapsam.io.atomic_write`),
+the finished outputs stay, the summary of the finished cases is logged, and the
+KeyboardInterrupt / :class:`~lapsam.errors.Terminated` goes on to the caller (``lapsam``
+exits 130 / 143).
+"""
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lapsam.case import list_cases, load_case
-from lapsam.errors import LapsamError
-from lapsam.io import write_segs
+from lapsam.errors import CaseError, Terminated, UsageError
+from lapsam.io import check_output_dir, remove_stale_temp_files, write_segs
 
 from .predictor import Predictor, PredictorConfig
 
@@ -38,11 +58,65 @@ class FolderSummary:
     load_seconds: float = 0.0
     failures: dict[str, str] = field(default_factory=dict)
     case_seconds: dict[str, float] = field(default_factory=dict)
+    interrupted: str | None = None  # "SIGINT" / "SIGTERM" when the run was stopped
+    removed_temp_files: int = 0
+
+    @property
+    def not_run(self) -> int:
+        return self.total - self.ok - self.failed
+
+    @property
+    def exit_code(self) -> int:
+        """0: every case written; 1: a case failed. (A run stopped by SIGINT / SIGTERM does not
+        return: :func:`predict_folder` logs this summary and re-raises, and ``lapsam`` exits 130 / 143.)"""
+        return 0 if self.failed == 0 and self.total > 0 else 1
+
+    def lines(self) -> list[str]:
+        """The summary as ``lapsam predict`` prints it: one line, then one per failed or unfinished case."""
+        head = (f"{self.total} case(s): {self.ok} ok, {self.failed} failed; total {self.seconds:.2f} s "
+                f"(model load {self.load_seconds:.2f} s)")
+        if self.interrupted:
+            head = f"stopped by {self.interrupted}: {head}, {self.not_run} not run"
+        out = [head]
+        out += [f"FAILED {name}: {why}" for name, why in self.failures.items()]
+        return out
+
+
+def _problem(exc: BaseException) -> str:
+    """One line for a failed case, without repeating the file name the caller prints."""
+    if isinstance(exc, CaseError):
+        return exc.problem
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def sigterm_as_exception() -> Iterator[None]:
+    """Within the block SIGTERM raises :class:`~lapsam.errors.Terminated` (like SIGINT's
+    KeyboardInterrupt); the previous handler is restored afterwards. No-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def predict_folder(input_dir: str | Path, output_dir: str | Path, model_dir: str | Path, opts: PredictOptions,
-                   predictor: Predictor | None = None) -> FolderSummary:
-    """Segment every ``.npz`` in ``input_dir`` into ``output_dir``; a failing case does not stop the others."""
+                   predictor: Predictor | None = None,
+                   on_case: Callable[[str, bool], None] | None = None) -> FolderSummary:
+    """Segment every ``.npz`` in ``input_dir`` into ``output_dir``; a failing case does not stop the others.
+
+    ``on_case(file_name, ok)`` is called after each case (progress hooks, memory probes).
+    Raises :class:`~lapsam.errors.UsageError` before loading the model when the input has no
+    case or the output folder cannot be written.
+    """
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -50,46 +124,66 @@ def predict_folder(input_dir: str | Path, output_dir: str | Path, model_dir: str
     try:
         files = list_cases(input_dir)
     except FileNotFoundError as exc:
-        raise LapsamError(str(exc)) from None
-    summary.total = len(files)
+        raise UsageError(f"input: {exc}") from None
     if not files:
-        log.error("%s: no .npz cases", input_dir)
-        return summary
-    if predictor is None:
-        cfg = PredictorConfig(decoder_batch=opts.decoder_batch, margin_px=opts.margin_px, on_empty=opts.on_empty)
-        predictor = Predictor.from_model_dir(model_dir, backend=opts.backend, threads=opts.threads,
-                                             precision=opts.precision, cache_dir=opts.cache_dir,
-                                             precision_hint=opts.precision_hint, config=cfg)
-    summary.load_seconds = time.perf_counter() - t0
-    out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(files, unit="case", disable=not opts.progress or len(files) < 2, dynamic_ncols=True)
-    for f in bar:
-        bar.set_postfix_str(f.name[:40])
-        tc = time.perf_counter()
+        raise UsageError(f"input folder {input_dir} holds no .npz cases")
+    summary.total = len(files)
+    out_dir = check_output_dir(output_dir)
+    summary.removed_temp_files = len(remove_stale_temp_files(out_dir, [f.name for f in files]))
+    with sigterm_as_exception():
         try:
-            case = load_case(f)
-            segs = predictor.predict(case)
-            write_segs(out_dir / f"{case.name}.npz", segs, case.num_objects)
-        except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others
-            summary.failed += 1
-            summary.failures[f.name] = str(exc)
-            log.error("%s: FAILED: %s", f.name, exc)
-            continue
-        dt = time.perf_counter() - tc
-        summary.ok += 1
-        summary.case_seconds[f.name] = dt
-        r = predictor.last_report
-        extra = ""
-        if r is not None:
-            extra = f" (encoder calls {r.encoder_calls}, decoder calls {r.decoder_calls}"
-            if r.skipped_boxes:
-                extra += f", skipped boxes {sorted(i + 1 for i in r.skipped_boxes)}"
-            extra += ")"
-        log.info("%s: %.2f s%s", f.name, dt, extra)
+            if predictor is None:
+                cfg = PredictorConfig(decoder_batch=opts.decoder_batch, margin_px=opts.margin_px,
+                                      on_empty=opts.on_empty)
+                predictor = Predictor.from_model_dir(model_dir, backend=opts.backend, threads=opts.threads,
+                                                     precision=opts.precision, cache_dir=opts.cache_dir,
+                                                     precision_hint=opts.precision_hint, config=cfg)
+            summary.load_seconds = time.perf_counter() - t0
+            _run_cases(files, out_dir, predictor, opts, summary, on_case, tqdm)
+        except (KeyboardInterrupt, Terminated) as exc:
+            # Report what finished, then let the interruption go on (the CLI exits 130 / 143).
+            summary.interrupted = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
+            summary.seconds = time.perf_counter() - t0
+            log.error("stopped by %s: the case in progress was not written; finished cases are kept",
+                      summary.interrupted)
+            for line in summary.lines():
+                log.error("%s", line)
+            raise
     summary.seconds = time.perf_counter() - t0
-    log.info("%d case(s): %d ok, %d failed; total %.2f s (model load %.2f s)", summary.total, summary.ok,
-             summary.failed, summary.seconds, summary.load_seconds)
-    for name, why in summary.failures.items():
-        log.error("failed: %s: %s", name, why)
+    log.debug("%s", summary.lines()[0])
     return summary
+
+
+def _run_cases(files: list[Path], out_dir: Path, predictor: Predictor, opts: PredictOptions,
+               summary: FolderSummary, on_case: Callable[[str, bool], None] | None, tqdm) -> None:
+    bar = tqdm(files, unit="case", disable=not opts.progress or len(files) < 2, dynamic_ncols=True)
+    try:
+        for f in bar:
+            bar.set_postfix_str(f.name[:40])
+            tc = time.perf_counter()
+            try:
+                case = load_case(f)
+                segs = predictor.predict(case)
+                write_segs(out_dir / f"{case.name}.npz", segs, case.num_objects)
+            except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others
+                summary.failed += 1
+                summary.failures[f.name] = _problem(exc)
+                log.error("%s: FAILED: %s", f.name, summary.failures[f.name])
+                if on_case is not None:
+                    on_case(f.name, False)
+                continue
+            dt = time.perf_counter() - tc
+            summary.ok += 1
+            summary.case_seconds[f.name] = dt
+            r = predictor.last_report
+            extra = ""
+            if r is not None:
+                extra = f" (encoder calls {r.encoder_calls}, decoder calls {r.decoder_calls}"
+                if r.skipped_boxes:
+                    extra += f", skipped boxes {sorted(i + 1 for i in r.skipped_boxes)}"
+                extra += ")"
+            log.info("%s: %.2f s%s", f.name, dt, extra)
+            if on_case is not None:
+                on_case(f.name, True)
+    finally:
+        bar.close()

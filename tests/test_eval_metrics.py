@@ -260,7 +260,8 @@ def test_cli_perturbed_predictions(self_segs, gts_dir, tmp_path):
     g = load_npz(gts_dir / shifted)["gts"]
     write_segs(segs / shifted, np.roll(g, 1, axis=0))  # one slice (3 mm) along z
     out = tmp_path / "challenge.csv"
-    assert main(["eval", "metrics", "-s", str(segs), "-g", str(gts_dir), "-o", str(out), "-j", "2"]) == 0
+    # exit code 1: cases failed (they are still scored 0 and written)
+    assert main(["eval", "metrics", "-s", str(segs), "-g", str(gts_dir), "-o", str(out), "-j", "2"]) == 1
     rows = _read(out)
     assert len(rows) == 10
     for name in (missing, wrong_shape, "2DBox_CT_amos_0004_75.npz"):
@@ -274,7 +275,7 @@ def test_cli_perturbed_predictions(self_segs, gts_dir, tmp_path):
     assert "## Failures" in md and "2DBox_CT_amos_0004_75_pred.npz" in md
 
     out_ex = tmp_path / "exact.csv"
-    assert main(["eval", "metrics", "-s", str(segs), "-g", str(gts_dir), "-o", str(out_ex), "--mode", "exact"]) == 0
+    assert main(["eval", "metrics", "-s", str(segs), "-g", str(gts_dir), "-o", str(out_ex), "--mode", "exact"]) == 1
     ex = _read(out_ex)
     assert ex[shifted]["dsc"] == rows[shifted]["dsc"]
     # spacing 3 mm everywhere: the stored order does not matter, the 3 mm shift is out of tolerance in both
