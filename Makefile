@@ -6,9 +6,14 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.lapsam-installed
+# `make demo` needs only the runtime and the metrics: its own venv, no torch.
+DEMO_VENV  ?= .venv-demo
+DEMO_STAMP := $(DEMO_VENV)/.lapsam-demo-installed
+DEMO_OUT   ?= demo/out
+MODEL      ?= models/default
 PYTEST_ARGS ?=
 
-.PHONY: test demo venv lint clean
+.PHONY: test demo venv lint clean bench
 
 venv: $(STAMP)
 
@@ -26,8 +31,15 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lapsam distill export runtime submission eval tests
 
-demo: $(STAMP)
-	$(VENV)/bin/lapsam data inspect demo/data/imgs demo/data/extra
+$(DEMO_STAMP): pyproject.toml
+	test -x $(DEMO_VENV)/bin/python || $(PYTHON) -m venv $(DEMO_VENV)
+	$(DEMO_VENV)/bin/python -m pip install -q --upgrade "pip>=23" "setuptools>=68" wheel
+	$(DEMO_VENV)/bin/python -m pip install -q -e '.[eval]'
+	touch $@
+
+# The default model on the bundled demo cases: predict, score, one table (with box-fill), one PNG per case.
+demo: $(DEMO_STAMP)
+	$(DEMO_VENV)/bin/lapsam eval model --cases demo/data --model $(MODEL) -o $(DEMO_OUT)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(DEMO_VENV) $(DEMO_OUT) build *.egg-info .pytest_cache

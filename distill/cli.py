@@ -67,6 +67,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_train_args(ft, "finetune.yaml")
     ft.set_defaults(func=cmd_finetune)
 
+    sp = dsub.add_parser("split", help="the train/validation split of a config, as folders of links",
+                         description="Resolve the config's data section (data.train, data.val_groups, data.val_fraction, "
+                         "train.seed) exactly as training does and write OUT/{train,val}/{imgs,gts}/ with symbolic "
+                         "links to the cases, plus OUT/split.csv (case, group, patient, side). Feed OUT/val to "
+                         "`lapsam eval model --cases`.")
+    _add_train_args(sp, "default_model.yaml")
+    sp.set_defaults(func=cmd_split)
+
+    pl = dsub.add_parser("plot", help="the training curve of a run (loss, validation DSC) as a PNG",
+                         description="Read RUN_DIR/train_log.csv and val_log.csv and write a two-panel PNG.")
+    pl.add_argument("run_dir", type=Path, help="a training output folder (train.out_dir)")
+    pl.add_argument("-o", "--output", type=Path, default=None, help="PNG to write (default: RUN_DIR/training_curve.png)")
+    pl.add_argument("--title", default=None)
+    pl.set_defaults(func=cmd_plot)
+
     st = dsub.add_parser("students", help="list supported students with their parameter counts",
                          description="Print each supported student's parameters at an input size.")
     st.add_argument("--input-size", type=int, default=512)
@@ -200,3 +215,53 @@ def cmd_bench_students(args: argparse.Namespace) -> int:
     from .students import run_students
 
     return run_students(args)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_run
+
+    try:
+        path = plot_run(args.run_dir, args.output, args.title)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}")
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    import csv
+
+    from .data import case_group, case_patient, find_cases, split_cases
+
+    if args.out is None:
+        print("error: --out DIR is required")
+        return 2
+    args.out, out = None, Path(args.out)
+    cfg = _load("finetune", args)
+    if cfg is None:
+        return 0
+    d = cfg.data
+    cases = find_cases(d.train)
+    if d.val:
+        train, val = cases, find_cases(d.val)
+    else:
+        train, val = split_cases(cases, d.val_fraction, cfg.train.seed, d.val_groups)
+    rows = []
+    for side, cs in (("train", train), ("val", val)):
+        for c in cs:
+            for sub, src in (("imgs", c.image), ("gts", c.gt)):
+                if src is None:
+                    continue
+                link = out / side / sub / f"{c.name}.npz"
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if link.is_symlink() or link.exists():
+                    link.unlink()
+                link.symlink_to(Path(src).resolve())
+            rows.append((c.name, case_group(c.name), case_patient(c.name), side))
+    with open(out / "split.csv", "w", newline="") as fp:
+        w = csv.writer(fp)
+        w.writerow(["case", "group", "patient", "side"])
+        w.writerows(rows)
+    print(f"{len(train)} training and {len(val)} validation cases; wrote {out}/train, {out}/val and {out / 'split.csv'}")
+    return 0

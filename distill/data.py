@@ -29,7 +29,7 @@ import numpy as np
 
 from lapsam.manifest import Preprocessing
 from lapsam.modality import parse_modality
-from lapsam.preprocess import preprocess_image, resize_2d
+from lapsam.preprocess import crop_window, preprocess_image, resize_2d
 from lapsam.safe_npz import load_npz
 
 log = logging.getLogger(__name__)
@@ -263,6 +263,10 @@ class AugmentConfig:
     brightness: float = 0.1  # fraction of 255
     contrast: tuple[float, float] = (0.85, 1.15)
     gamma: tuple[float, float] = (0.8, 1.25)
+    # With the model's Preprocessing.crop_context > 0: crop around the labels' union (the
+    # runtime's rule, context scaled by a random factor in crop_scale) with this probability.
+    crop_prob: float = 0.0
+    crop_scale: tuple[float, float] = (0.75, 1.5)
 
 
 @dataclass
@@ -287,6 +291,17 @@ class PromptConfig:
 class FinetuneItemConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+
+
+def label_union(labels: np.ndarray) -> np.ndarray | None:
+    """Inclusive ``[x0, y0, x1, y1]`` of all non-zero labels of a (H, W) or (D, H, W) map (None if empty)."""
+    fg = labels != 0
+    if fg.ndim == 3:
+        fg = fg.any(axis=0)
+    rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
+    if rows.size == 0:
+        return None
+    return np.array([cols[0], rows[0], cols[-1], rows[-1]], np.int64)
 
 
 def _intensity(img: np.ndarray, rng: np.random.Generator, a: AugmentConfig) -> np.ndarray:
@@ -392,6 +407,15 @@ class PromptSliceDataset:
         a, p = self.cfg.augment, self.cfg.prompt
         img, lab = self.store.slice(self.refs[i])
         s = self.pp.input_size
+        ctx = self.pp.crop_context
+        if ctx > 0 and (not self.train or (a.enabled and rng.random() < a.crop_prob)):
+            # the runtime's crop: around the union of everything labelled (whole volume for 3D)
+            ref = self.refs[i]
+            union = label_union(self.store.get(ref.case)[1] if ref.z >= 0 else lab)
+            if self.train:
+                ctx *= float(rng.uniform(*a.crop_scale))
+            y0, y1, x0, x1 = crop_window(union, lab.shape[0], lab.shape[1], s, ctx)
+            img, lab = img[y0:y1, x0:x1], lab[y0:y1, x0:x1]
         if self.train and a.enabled and rng.random() < a.intensity_prob:
             img = _intensity(img, rng, a)
         x, tf = preprocess_image(img, self.pp)

@@ -85,6 +85,7 @@ def lapsam_config(m: ModelSection) -> LapSamConfig:
         teacher=m.teacher,
         teacher_checkpoint=m.teacher_checkpoint,
         box_prior=m.box_prior,
+        crop_context=m.crop_context,
     )
 
 
@@ -158,10 +159,6 @@ class CsvLog:
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast on GPU; a no-op on CPU."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
-
-
-def unwrap(m: nn.Module) -> nn.Module:
-    return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lapsam.preprocess import postprocess_masks, preprocess_image, transform_boxes
+from lapsam.preprocess import crop_window, postprocess_masks, preprocess_image, transform_boxes
 
 from .config import FinetuneConfig, FinetuneLoss
 from .data import (
@@ -34,6 +34,7 @@ from .data import (
     PromptSliceDataset,
     build_split,
     case_group,
+    label_union,
 )
 from .engine import DistInfo, Stage, StepResult
 from .model import LapSam
@@ -135,6 +136,10 @@ def evaluate_cases(model: LapSam, store: CaseStore, refs: list, device: torch.de
         labels = [int(v) for v in np.unique(lab) if v != 0]
         if not labels:
             continue
+        if pp.crop_context > 0:  # the runtime's crop around the union of the (tight) boxes
+            union = label_union(store.get(ref.case)[1] if ref.z >= 0 else lab)
+            y0, y1, x0, x1 = crop_window(union, lab.shape[0], lab.shape[1], pp.input_size, pp.crop_context)
+            img, lab = img[y0:y1, x0:x1], lab[y0:y1, x0:x1]
         x, tf = preprocess_image(img, pp)
         feats = model.encode(torch.from_numpy(x).to(device))
         boxes = []

@@ -58,10 +58,13 @@ class LapSamConfig:
     # +s inside the prompt's box and -s outside (nothing for prompts without a box). 0: off,
     # SAM2's decoder as it is (what a distilled SAM2/MedSAM2 decoder expects).
     box_prior: float = 0.0
+    # Runtime crop around the union of the boxes (Preprocessing.crop_context); 0: whole image.
+    crop_context: float = 0.0
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing(input_size=self.student.input_size, resize=self.student.resize)
+        return Preprocessing(input_size=self.student.input_size, resize=self.student.resize,
+                             crop_context=self.crop_context)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,6 +76,7 @@ class LapSamConfig:
             teacher=d.get("teacher", "sam2.1_hiera_t"),
             teacher_checkpoint=d.get("teacher_checkpoint"),
             box_prior=float(d.get("box_prior", 0.0)),
+            crop_context=float(d.get("crop_context", 0.0)),
         )
 
 

@@ -58,9 +58,12 @@ class Preprocessing:
     ``stretch``: resize H x W to S x S (SAM2's own rule, aspect not kept).
     ``longest_side``: scale so the longest side is S, keep aspect, pad bottom/right with 0
     after normalisation (MedSAM's rule).
-    Interpolation is bilinear with ``align_corners=False`` and no antialiasing (PyTorch's
-    ``F.interpolate`` default), reproduced exactly in numpy by ``lapsam.preprocess``.
-    Pixel mean/std are in 0..255 units, per RGB channel.
+    Images are resized like SAM2's torchvision ``Resize`` (bilinear, antialiased), reproduced
+    in numpy by ``lapsam.preprocess``. Pixel mean/std are in 0..255 units, per RGB channel.
+    ``crop_context`` > 0: before that, the image (every slice of a 3D case) is cropped to a
+    square window around the union of the case's boxes, ``crop_context`` times the union's
+    longer side and never smaller than ``input_size`` pixels (so small objects keep their
+    pixels; :func:`lapsam.preprocess.crop_window`); 0: the whole image.
     """
 
     input_size: int = 1024
@@ -68,8 +71,11 @@ class Preprocessing:
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN_255
     pixel_std: tuple[float, float, float] = IMAGENET_STD_255
     mask_threshold: float = 0.0
+    crop_context: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.crop_context < 0:
+            raise ValueError(f"crop_context must be >= 0, got {self.crop_context}")
         if self.resize not in RESIZE_RULES:
             raise ValueError(f"resize must be one of {RESIZE_RULES}, got {self.resize!r}")
         if self.input_size % 16:

@@ -10,6 +10,7 @@ antialiased: :func:`resize_2d`); low-res mask logits are enlarged like SAM2's po
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from functools import lru_cache
 
 import numpy as np
@@ -108,6 +109,26 @@ def resize_2d(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     if (oh / h) <= (ow / w):
         return _resize_axis(_resize_axis(x, oh, 0), ow, 1)
     return _resize_axis(_resize_axis(x, ow, 1), oh, 0)
+
+
+def crop_window(union_xyxy: np.ndarray | None, h: int, w: int, input_size: int,
+                context: float) -> tuple[int, int, int, int]:
+    """The crop ``(y0, y1, x0, x1)`` (end exclusive) that :class:`Preprocessing`'s ``crop_context`` asks for.
+
+    ``union_xyxy``: inclusive ``[x0, y0, x1, y1]`` of everything to segment (the union of the
+    boxes), or None for the whole image. The window is a square of side
+    ``max(context * longer side of the union, input_size)`` centred on the union, clipped to
+    the image size and shifted to lie inside the image. ``context`` <= 0: the whole image.
+    """
+    if context <= 0 or union_xyxy is None:
+        return 0, h, 0, w
+    x0, y0, x1, y1 = (float(v) for v in union_xyxy)
+    side = max(context * max(x1 - x0 + 1, y1 - y0 + 1), float(input_size))
+    sw, sh = min(w, int(math.ceil(side))), min(h, int(math.ceil(side)))
+    cx, cy = (x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2
+    cx0 = int(min(max(round(cx - sw / 2), 0), w - sw))
+    cy0 = int(min(max(round(cy - sh / 2), 0), h - sh))
+    return cy0, cy0 + sh, cx0, cx0 + sw
 
 
 @dataclass(frozen=True)
