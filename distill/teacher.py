@@ -107,8 +107,3 @@ class Teacher(nn.Module):
         if out_size is not None and out_size != self.image_size:
             feats = tuple(match_grid(f, out_size // s) for f, s in zip(feats, FEATURE_STRIDES, strict=False))  # type: ignore[assignment]
         return feats  # type: ignore[return-value]
-
-
-def build_teacher(name: str = "sam2.1_hiera_t", checkpoint: str | Path | None = None,
-                  image_size: int | None = None) -> Teacher:
-    return Teacher(name, checkpoint, image_size)

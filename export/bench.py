@@ -1,8 +1,9 @@
 """``lapsam bench export``: encoder latency per variant x backend x precision, student vs teacher.
 
 Both encoders (random weights: speed does not depend on weight values) are exported with the
-same code as ``lapsam export`` (:func:`lapsam.export.api.export_encoder_files`), then one image
-at a time is timed through each file: ONNX Runtime (fp32, int8), OpenVINO with
+same code as ``lapsam export`` (:func:`lapsam.export.api.export_encoder_files`) and opened with the
+runtime's engine layer (:func:`lapsam.runtime.engines.open_graph`, the sessions ``lapsam predict``
+uses), then one image at a time is timed through each file: ONNX Runtime (fp32, int8), OpenVINO with
 ``INFERENCE_PRECISION_HINT=f32`` (fp32/fp16/int8 IR) and, where the CPU has bf16, with bf16.
 PyTorch eager is the first row. All variants of both models are opened first and then run in
 interleaved rounds (one run of each per round, so load changes on a shared machine hit all
@@ -18,11 +19,13 @@ import logging
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+from lapsam.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +33,41 @@ log = logging.getLogger(__name__)
 Timed = tuple[str, str, Callable[[], object]]  # (model label, variant, one inference)
 
 
+def export_random(out: Path, *, backbone: str = "repvit_m0_9", input_size: int = 512, seed: int = 0,
+                  backends: Sequence[str] = ("onnx", "openvino"), precisions: Sequence[str] = ("fp32",),
+                  simplify: bool = True, name: str | None = None, keep_checkpoint: Path | None = None):
+    """A randomly initialised LapSam exported to ``out`` like ``lapsam export`` (``lapsam export random``).
+
+    For speed measurements (speed does not depend on weight values): ``lapsam bench runtime --model out``.
+    The checkpoint is written to ``keep_checkpoint`` if given, else to a temporary file removed afterwards.
+    Returns the :class:`~lapsam.manifest.ModelManifest`.
+    """
+    import torch
+    from lapsam.distill.model import LapSamConfig, StudentConfig, build_lapsam, save_checkpoint
+
+    from .api import ExportError, export_model
+
+    torch.manual_seed(seed)
+    try:
+        model = build_lapsam(LapSamConfig(student=StudentConfig(backbone=backbone, input_size=input_size)))
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise ExportError(f"cannot build a {backbone}@{input_size} student: {exc}") from None
+    with tempfile.TemporaryDirectory(prefix="lapsam-random-") as tmp:
+        ckpt = Path(keep_checkpoint) if keep_checkpoint else Path(tmp) / f"random_{backbone}_{input_size}.pt"
+        save_checkpoint(ckpt, model.eval())
+        return export_model(ckpt, out, backends=tuple(backends), precisions=tuple(precisions), simplify=simplify,
+                            name=name)
+
+
 def _prepare_encoder(label: str, module, size: int, root: Path, args: argparse.Namespace,
                      calib_cases: Path | None, bf16: bool) -> list[Timed]:
     """Export ``module`` and open every variant; returns one inference callable per variant."""
     import torch
+    from lapsam.runtime.engines import EngineOptions, backend_name, open_graph
 
     from lapsam.manifest import ENCODER_INPUT, Preprocessing
 
     from .api import export_encoder_files
-    from .engines import open_runner
 
     calib = None
     if args.int8:
@@ -59,11 +88,11 @@ def _prepare_encoder(label: str, module, size: int, root: Path, args: argparse.N
     out: list[Timed] = [(label, "pytorch/fp32", torch_run)]
     for e in entries:
         for ex in (["f32", "bf16"] if (e.backend == "openvino" and bf16) else ["f32"]):
-            name = f"{'onnxruntime' if e.backend == 'onnx' else 'openvino'}/{e.precision}"
+            name = f"{backend_name(e.backend)}/{e.precision}"
             name += f"@{ex}" if e.backend == "openvino" else ""
-            runner = open_runner(root, e, threads=args.threads, ov_precision=ex, spinning=False)
+            graph = open_graph(root, e, EngineOptions(backend=e.backend, precision_hint=ex), threads=args.threads)
             feeds = {ENCODER_INPUT: x}
-            out.append((label, name, lambda runner=runner, feeds=feeds: runner(feeds)))
+            out.append((label, name, lambda graph=graph, feeds=feeds: graph.run(feeds)))
     return out
 
 
@@ -88,13 +117,12 @@ def _time_round_robin(timed: list[Timed], warmup: int, repeats: int) -> dict[str
 def run_bench(args: argparse.Namespace) -> int:
     import torch
     from lapsam.distill.model import LapSamConfig, StudentConfig, build_lapsam
+    from lapsam.runtime.engines import cpu_has_bf16
 
-    from .engines import cpu_has_bf16
     from .graphs import EncoderGraph
 
     if args.int8 and args.calib_cases is None:
-        print("--int8 needs --calib-cases DIR")
-        return 2
+        raise UsageError("--int8 needs --calib-cases DIR")
     bf16 = cpu_has_bf16()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="lapsam-bench-export-"))
     torch.manual_seed(0)

@@ -7,7 +7,8 @@ would be meaningless and the check stops with an error).
 
 Each variant (backend x encoder precision, plus bf16 execution of the OpenVINO IRs when the
 CPU has bf16) runs encoder + decoder end to end on the same preprocessed slices with the same
-box prompts as PyTorch. Reported per variant: max / mean absolute error of the three encoder
+box prompts as PyTorch, through the runtime's own engine layer (:func:`lapsam.runtime.engines.load_engine`:
+the same sessions, settings and file selection as ``lapsam predict``). Reported per variant: max / mean absolute error of the three encoder
 maps ("embeddings") and of the low-res mask logits, and the DSC between the PyTorch mask and
 the variant's mask on the original image grid, pooled over the boxes of each case; the bar
 applies to the worst case.
@@ -22,13 +23,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from lapsam.runtime.engines import (
+    Engine,
+    EngineOptions,
+    backend_name,
+    cpu_has_bf16,
+    load_engine,
+    read_manifest,
+)
 
 from lapsam.errors import CaseError
-from lapsam.manifest import ENCODER_INPUT, ENCODER_OUTPUTS, ModelManifest, sha256_file
+from lapsam.manifest import ModelManifest, sha256_file
 from lapsam.preprocess import postprocess_masks
 
 from .api import EXPORT_INFO_NAME, ExportError
-from .engines import Runner, cpu_has_bf16, open_runner
 from .slices import PromptedSlice, iter_case_slices
 
 log = logging.getLogger(__name__)
@@ -40,7 +48,7 @@ INT8_TARGET = 0.98
 
 @dataclass
 class VariantResult:
-    backend: str
+    backend: str  # openvino | onnxruntime
     precision: str  # weights precision of the encoder file
     execution: str  # f32 / bf16 (OpenVINO hint); "-" for ONNX Runtime
     bar: float | None
@@ -116,16 +124,11 @@ class _Reference:
     masks: np.ndarray  # (B, H, W) bool
 
 
-def _decoder_feeds(feats: dict[str, np.ndarray], boxes: np.ndarray, low: int) -> dict[str, np.ndarray]:
+def _box_prompts(boxes: np.ndarray, low: int) -> tuple[np.ndarray, ...]:
+    """Decoder inputs for box prompts alone: boxes, no clicks, no mask input."""
     b = boxes.shape[0]
-    return {
-        **feats,
-        "boxes": boxes.astype(np.float32),
-        "point_coords": np.zeros((b, 0, 2), np.float32),
-        "point_labels": np.zeros((b, 0), np.float32),
-        "mask_input": np.zeros((b, 1, low, low), np.float32),
-        "has_mask_input": np.zeros((b,), np.float32),
-    }
+    return (boxes.astype(np.float32), np.zeros((b, 0, 2), np.float32), np.zeros((b, 0), np.float32),
+            np.zeros((b, 1, low, low), np.float32), np.zeros((b,), np.float32))
 
 
 def _pytorch_reference(model, slices: list[PromptedSlice], threshold: float) -> list[_Reference]:
@@ -146,24 +149,22 @@ def _pytorch_reference(model, slices: list[PromptedSlice], threshold: float) -> 
     return refs
 
 
-def _run_variant(res: VariantResult, enc: Runner, dec: Runner, refs: list[_Reference], low: int,
-                 threshold: float) -> None:
+def _run_variant(res: VariantResult, engine: Engine, refs: list[_Reference], low: int, threshold: float) -> None:
     e_max = l_max = 0.0
     e_sum = l_sum = 0.0
     e_n = l_n = 0
     counts: dict[str, list[int]] = {}
     for r in refs:
-        out = enc({ENCODER_INPUT: r.slice.image})
-        for name, ref in zip(ENCODER_OUTPUTS, r.feats, strict=True):
-            d = np.abs(out[name] - ref)
+        feats = engine.encode(r.slice.image)
+        for out, ref in zip(feats, r.feats, strict=True):
+            d = np.abs(out - ref)
             e_max = max(e_max, float(d.max()))
             e_sum += float(d.sum(dtype=np.float64))
             e_n += d.size
         c = counts.setdefault(r.slice.case, [0, 0])
         if r.slice.boxes.shape[0] == 0:
             continue
-        feats = {n: out[n] for n in ENCODER_OUTPUTS}
-        logits = dec(_decoder_feeds(feats, r.slice.boxes, low))["masks"]
+        logits, _ = engine.decode(feats, *_box_prompts(r.slice.boxes, low))
         d = np.abs(logits - r.logits)
         l_max = max(l_max, float(d.max()))
         l_sum += float(d.sum(dtype=np.float64))
@@ -182,7 +183,7 @@ _ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
 
 def planned_variants(manifest: ModelManifest, bf16: bool) -> list[VariantResult]:
     """One row per (backend, encoder precision), fp32 first; bf16 rows for OpenVINO when asked."""
-    variants = sorted(manifest.variants(), key=lambda v: (v[0], _ORDER.get(v[1], 9)))
+    variants = sorted(((backend_name(b), p) for b, p in manifest.variants()), key=lambda v: (v[0], _ORDER.get(v[1], 9)))
     out: list[VariantResult] = []
     for backend, precision in variants:
         bar = BARS.get(precision)
@@ -213,7 +214,7 @@ def run_check(
     from lapsam.distill.model import load_lapsam
 
     model_dir = Path(model_dir)
-    manifest = ModelManifest.load(model_dir)
+    manifest = read_manifest(model_dir)
     ckpt = find_checkpoint(model_dir, checkpoint, manifest)
     torch.set_num_threads(threads)
     model = load_lapsam(ckpt)
@@ -238,15 +239,9 @@ def run_check(
     low = pp.low_res_size
     for res in results:
         try:
-            enc_entry = manifest.find("encoder", res.backend, res.precision)
-            try:
-                dec_entry = manifest.find("decoder", res.backend, res.precision)
-            except KeyError:
-                dec_entry = manifest.find("decoder", res.backend, "fp32")
-            ov_prec = "bf16" if res.execution == "bf16" else "f32"
-            enc = open_runner(model_dir, enc_entry, threads, ov_prec)
-            dec = open_runner(model_dir, dec_entry, threads, ov_prec)
-            _run_variant(res, enc, dec, refs, low, pp.mask_threshold)
+            opts = EngineOptions(backend=res.backend, precision=res.precision, threads=threads,
+                                 precision_hint="bf16" if res.execution == "bf16" else "f32")
+            _run_variant(res, load_engine(model_dir, manifest, opts), refs, low, pp.mask_threshold)
         except Exception as exc:  # one broken variant must not hide the others' figures
             log.error("%s: %s", res.name, exc)
             res.error = str(exc)

@@ -1,68 +1,81 @@
-"""``lapsam export CHECKPOINT --out DIR`` and ``lapsam export check DIR --cases DIR``; ``lapsam bench export``.
+"""``lapsam export model|check|random`` and ``lapsam bench export``.
 
-The two commands share the word ``export``: its first argument is either the subcommand
-``check`` or a checkpoint path (then ``model`` is implied; ``lapsam export model CKPT`` is the
-explicit spelling, for a checkpoint file literally named ``check``). Heavy imports (torch,
-onnx, openvino) happen inside the command functions.
+``lapsam export CHECKPOINT ...`` is short for ``lapsam export model CHECKPOINT ...``: the
+command line is rewritten before parsing (:func:`expand_argv`), so the parser itself has three
+plain subcommands. Heavy imports (torch, onnx, openvino) happen inside the command functions.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+from lapsam.runtime.backends import BACKEND_METAVAR, BACKENDS, backend_arg, file_backend, positive_int
+
+log = logging.getLogger(__name__)
+
+SUBCOMMANDS = ("model", "check", "random")
+
 USAGE = (
-    "lapsam export CHECKPOINT --out DIR [--precision fp32 fp16] [--int8 --calib-cases DIR] [--no-simplify]\n"
-    "       lapsam export check MODEL_DIR --cases DIR [--checkpoint CKPT]"
+    "lapsam export model CHECKPOINT --out DIR [options]   (short: lapsam export CHECKPOINT --out DIR)\n"
+    "       lapsam export check MODEL_DIR --cases DIR [options]\n"
+    "       lapsam export random --backbone NAME --input-size S --out DIR [options]"
 )
 
 DESCRIPTION = """\
 Turn a LapSam checkpoint into the files the runtime loads, and check them.
 
-  lapsam export CHECKPOINT --out models/NAME/
+  lapsam export model CHECKPOINT --out models/NAME/     (or: lapsam export CHECKPOINT --out ...)
       encoder.onnx + decoder.onnx (fp32, weights inline), OpenVINO IR of both
       (openvino/{encoder,decoder}_{fp32,fp16}.xml/.bin), optionally an INT8 encoder
       (encoder_int8.onnx, openvino/encoder_int8.xml), and manifest.json (preprocessing,
       tensor names and shapes, sha256 of every file, package versions).
-      Run `lapsam export model --help` for all options.
 
   lapsam export check models/NAME --cases DIR
-      PyTorch vs every exported variant on slices of real cases with the same box prompts:
-      max/mean abs error of embeddings and mask logits, mask DSC; exit code 1 if a bar fails.
-      Run `lapsam export check --help` for all options.
+      PyTorch vs every exported variant on slices of real cases with the same box prompts,
+      run through the runtime's engines: max/mean abs error of embeddings and mask logits,
+      mask DSC; exit code 1 if a bar fails.
+
+  lapsam export random --backbone repvit_m0_9 --input-size 512 --out DIR
+      a randomly initialised LapSam exported the same way: a model for speed benchmarks
+      (`lapsam bench runtime --model DIR`); its masks mean nothing.
+
+Run `lapsam export <command> --help` for the options of each.
 """
 
 
-class _AnyName(dict):
-    """``choices`` that let any first word past argparse's choices check (see below)."""
+def expand_argv(argv: Sequence[str]) -> list[str]:
+    """``lapsam [opts] export CKPT ...`` -> ``lapsam [opts] export model CKPT ...``; anything else unchanged.
 
-    def __contains__(self, key: object) -> bool:
-        return True
-
-
-class _DefaultSubcommand(argparse._SubParsersAction):
-    """Subparsers that treat an unknown first word as the argument of a default subcommand.
-
-    argparse validates the first word against ``choices`` before calling the action, so
-    ``choices`` accepts any word; ``__call__`` then inserts ``model`` when the word is not a
-    subcommand name.
+    The part name is the first word that is not an option (lapsam's own options take no value).
     """
-
-    default_command = "model"
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.choices = _AnyName()
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if values and values[0] not in self._name_parser_map:
-            values = [self.default_command, *values]
-        super().__call__(parser, namespace, values, option_string)
+    out = list(argv)
+    i = next((k for k, a in enumerate(out) if not a.startswith("-")), None)
+    if i is None or out[i] != "export" or i + 1 >= len(out):
+        return out
+    word = out[i + 1]
+    if word.startswith("-") or word in SUBCOMMANDS:
+        return out
+    return [*out[: i + 1], "model", *out[i + 1 :]]
 
 
-def register(subparsers) -> None:
+def _add_export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="model folder to write, e.g. models/NAME/")
+    p.add_argument("--name", default=None, help="model name recorded in the manifest (default: folder name)")
+    p.add_argument("--backend", nargs="+", type=backend_arg, default=list(BACKENDS), metavar=BACKEND_METAVAR,
+                   help="backends to export files for (default: both)")
+    p.add_argument("--precision", nargs="+", choices=("fp32", "fp16"), default=["fp32"],
+                   help="precision of the OpenVINO IR weights (default: fp32); ONNX files are always fp32")
+    p.add_argument("--no-simplify", dest="simplify", action="store_false",
+                   help="skip onnxslim simplification (by default applied when it removes nodes and "
+                   "leaves outputs unchanged)")
+
+
+def register(subparsers) -> None:  # type: ignore[no-untyped-def]
     p = subparsers.add_parser(
         "export",
         help="export a checkpoint to ONNX/OpenVINO (+manifest), or check an export against PyTorch",
@@ -71,54 +84,72 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.set_defaults(part_parser=p)
-    sub = p.add_subparsers(dest="export_command", metavar="{CHECKPOINT,check}", action=_DefaultSubcommand,
-                           prog="lapsam export")
+    sub = p.add_subparsers(dest="export_command", metavar="{model,check,random}")
 
     m = sub.add_parser(
         "model",
-        help="(default) export CHECKPOINT to a model folder",
+        help="export CHECKPOINT to a model folder (short form: lapsam export CHECKPOINT ...)",
         description="Export a LapSam checkpoint to ONNX + OpenVINO IR with a manifest. The output is built "
         "in a hidden temporary folder and moved into --out only when complete; files of a previous "
-        "export in --out (those its manifest lists) are replaced, other files are left alone.",
+        "export in --out (those its manifest lists) are replaced, other files are left alone. "
+        "`lapsam export CHECKPOINT ...` is the same command.",
     )
     m.add_argument("checkpoint", type=Path, help="LapSam checkpoint (.pt written by lapsam distill)")
-    m.add_argument("--out", type=Path, required=True, help="model folder to write, e.g. models/NAME/")
-    m.add_argument("--name", default=None, help="model name recorded in the manifest (default: folder name)")
-    m.add_argument("--backend", nargs="+", choices=("onnx", "openvino"), default=["onnx", "openvino"],
-                   help="backends to export (default: both)")
-    m.add_argument("--precision", nargs="+", choices=("fp32", "fp16"), default=["fp32"],
-                   help="OpenVINO IR weight precisions (default: fp32); ONNX files are always fp32")
+    _add_export_options(m)
     m.add_argument("--int8", action="store_true",
                    help="add an INT8 encoder per backend (NNCF post-training quantisation); needs --calib-cases")
     m.add_argument("--calib-cases", type=Path, default=None,
                    help="folder of challenge .npz cases whose slices calibrate the INT8 encoder")
-    m.add_argument("--calib-images", type=int, default=32, help="number of calibration slices (default: 32)")
-    m.add_argument("--no-simplify", dest="simplify", action="store_false",
-                   help="skip onnxslim simplification (by default applied when it removes nodes and "
-                   "leaves outputs unchanged)")
+    m.add_argument("--calib-images", type=positive_int, default=32, help="number of calibration slices (default: 32)")
     m.set_defaults(func=_cmd_export)
 
     c = sub.add_parser(
         "check",
         help="compare each exported variant with PyTorch on real cases",
         description="Run PyTorch and every exported variant on slices of real cases with the same box prompts; "
-        "print per variant the max/mean abs error of the embeddings (three encoder maps) and mask logits, "
-        "and the mask DSC vs PyTorch (worst case). OpenVINO runs with INFERENCE_PRECISION_HINT=f32; bf16 "
-        "rows are added when the CPU supports bf16. Bars: fp32 >= 0.999, fp16 IR and bf16 >= 0.99, int8 "
-        "reported (target 0.98). Exit code 1 when a bar fails. The PyTorch model comes from --checkpoint, "
-        "else the path recorded in MODEL_DIR/export_info.json, else MODEL_DIR/checkpoint.pt; its sha256 "
-        "must match the one in the manifest notes.",
+        "the variants run through the runtime's engine layer (the sessions `lapsam predict` uses). Prints per "
+        "variant the max/mean abs error of the embeddings (three encoder maps) and mask logits, and the mask "
+        "DSC vs PyTorch (worst case). OpenVINO runs with --ov-precision f32; bf16 rows are added when the CPU "
+        "supports bf16. Bars: fp32 >= 0.999, fp16 IR and bf16 >= 0.99, int8 reported (target 0.98). Exit "
+        "code 1 when a bar fails. The PyTorch model comes from --checkpoint, else the path recorded in "
+        "MODEL_DIR/export_info.json, else MODEL_DIR/checkpoint.pt; its sha256 must match the one in the "
+        "manifest notes.",
     )
     c.add_argument("model_dir", type=Path, help="exported model folder (with manifest.json)")
     c.add_argument("--cases", type=Path, required=True, help="folder (or one .npz) of challenge cases")
     c.add_argument("--checkpoint", type=Path, default=None, help="the PyTorch checkpoint the export came from")
-    c.add_argument("--threads", type=int, default=2, help="threads for every engine (default: 2)")
-    c.add_argument("--max-slices", type=int, default=3, help="slices per 3D case (default: 3)")
-    c.add_argument("--max-boxes", type=int, default=64, help="boxes per slice (default: 64)")
+    c.add_argument("--threads", type=positive_int, default=2, help="threads for every engine (default: 2)")
+    c.add_argument("--max-slices", type=positive_int, default=3, help="slices per 3D case (default: 3)")
+    c.add_argument("--max-boxes", type=positive_int, default=64, help="boxes per slice (default: 64)")
     c.add_argument("--no-bf16", dest="bf16", action="store_false", default=None,
                    help="skip the bf16 rows even when the CPU supports bf16")
     c.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     c.set_defaults(func=_cmd_check)
+
+    r = sub.add_parser(
+        "random",
+        help="export a randomly initialised LapSam (a model for speed benchmarks)",
+        description="Build a LapSam with random weights (torch seed --seed) and export it like `lapsam export "
+        "model`. Speed does not depend on weight values, so this is what `lapsam bench runtime --model DIR` "
+        "measures before a trained model exists; its masks mean nothing.",
+    )
+    r.add_argument("--backbone", default="repvit_m0_9", help="student backbone (default: repvit_m0_9)")
+    r.add_argument("--input-size", type=positive_int, default=512, help="student input size (default: 512)")
+    r.add_argument("--seed", type=int, default=0, help="torch seed of the random weights (default: 0)")
+    r.add_argument("--checkpoint", type=Path, default=None,
+                   help="also keep the random checkpoint here (default: a temporary file, removed)")
+    _add_export_options(r)
+    r.set_defaults(func=_cmd_random)
+
+
+def _print_manifest(out: Path, manifest) -> None:  # type: ignore[no-untyped-def]
+    print(f"wrote {out / 'manifest.json'}")
+    for f in manifest.files:
+        size = sum((out / rel).stat().st_size for rel in f.files) / 1e6
+        print(f"  {f.role:<8} {f.backend:<9} {f.precision:<5} {f.path:<28} {size:7.1f} MB")
+    for note in manifest.notes:
+        if "onnxslim" in note:
+            print(f"  {note}")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -127,7 +158,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     manifest = export_model(
         args.checkpoint,
         args.out,
-        backends=tuple(args.backend),
+        backends=tuple(file_backend(b) for b in args.backend),
         precisions=tuple(args.precision),
         int8=args.int8,
         calib_cases=args.calib_cases,
@@ -135,13 +166,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
         name=args.name,
         calib_max_images=args.calib_images,
     )
-    print(f"wrote {args.out / 'manifest.json'}")
-    for f in manifest.files:
-        size = sum((args.out / rel).stat().st_size for rel in f.files) / 1e6
-        print(f"  {f.role:<8} {f.backend:<9} {f.precision:<5} {f.path:<28} {size:7.1f} MB")
-    for note in manifest.notes:
-        if "onnxslim" in note:
-            print(f"  {note}")
+    _print_manifest(args.out, manifest)
+    return 0
+
+
+def _cmd_random(args: argparse.Namespace) -> int:
+    from .bench import export_random
+
+    manifest = export_random(args.out, backbone=args.backbone, input_size=args.input_size, seed=args.seed,
+                             backends=tuple(file_backend(b) for b in args.backend),
+                             precisions=tuple(args.precision), simplify=args.simplify, name=args.name,
+                             keep_checkpoint=args.checkpoint)
+    _print_manifest(args.out, manifest)
     return 0
 
 
@@ -162,30 +198,31 @@ def _cmd_check(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(results_json(results), indent=2) + "\n")
     failed = [r.name for r in results if not r.passed]
     if failed:
-        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+        log.error("variants below their bar: %s", ", ".join(failed))
         return 1
     return 0
 
 
-def register_bench(bench_subparsers) -> None:
+def register_bench(bench_subparsers) -> None:  # type: ignore[no-untyped-def]
     b = bench_subparsers.add_parser(
         "export",
         help="encoder latency of every exported variant: default student vs SAM2.1-Tiny teacher",
         description="Export the default student (random weights) and the SAM2.1-Tiny teacher image encoder "
         "the same way (ONNX fp32, OpenVINO IR fp32/fp16, optional INT8) and time one image through each "
-        "encoder variant x backend x execution precision, side by side in one run. Prints ms per image.",
+        "encoder variant x backend x execution precision, side by side in one run, opened with the "
+        "runtime's engine layer. Prints ms per image.",
     )
     b.add_argument("--backbone", default="repvit_m0_9", help="student backbone (default: repvit_m0_9)")
-    b.add_argument("--student-size", type=int, default=512, help="student input size (default: 512)")
+    b.add_argument("--student-size", type=positive_int, default=512, help="student input size (default: 512)")
     b.add_argument("--teacher", default="sam2.1_hiera_t", help="SAM2 config of the teacher (default: sam2.1_hiera_t)")
-    b.add_argument("--teacher-size", type=int, default=1024, help="teacher input size (default: 1024)")
+    b.add_argument("--teacher-size", type=positive_int, default=1024, help="teacher input size (default: 1024)")
     b.add_argument("--no-teacher", dest="teacher_enabled", action="store_false", help="time the student only")
-    b.add_argument("--threads", type=int, default=2, help="threads per engine (default: 2)")
-    b.add_argument("--repeats", type=int, default=10, help="timed runs per variant (median reported)")
+    b.add_argument("--threads", type=positive_int, default=2, help="threads per engine (default: 2)")
+    b.add_argument("--repeats", type=positive_int, default=10, help="timed runs per variant (median reported)")
     b.add_argument("--warmup", type=int, default=2, help="untimed runs first")
     b.add_argument("--int8", action="store_true", help="also quantise the encoders (needs --calib-cases)")
     b.add_argument("--calib-cases", type=Path, default=None, help="cases for INT8 calibration")
-    b.add_argument("--calib-images", type=int, default=16, help="calibration slices (default: 16)")
+    b.add_argument("--calib-images", type=positive_int, default=16, help="calibration slices (default: 16)")
     b.add_argument("--work-dir", type=Path, default=None, help="keep the exported files here (default: temp)")
     b.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
     b.set_defaults(func=_cmd_bench)
@@ -195,3 +232,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     return run_bench(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from lapsam.cli import main
+
+    sys.exit(main(["export", *sys.argv[1:]]))

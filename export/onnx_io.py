@@ -168,7 +168,17 @@ def onnx_to_openvino(onnx_path: Path, xml_path: Path, fp16: bool) -> None:
     """
     import openvino as ov
 
-    model = ov.convert_model(str(onnx_path))
+    save_openvino(ov.convert_model(str(onnx_path)), xml_path, fp16)
+
+
+def save_openvino(model, xml_path: Path, fp16: bool = False) -> None:
+    """Save an OpenVINO model as IR (.xml + .bin), independent of where and in which process it ran.
+
+    Drops the ``conversion_parameters`` runtime info (it records the source path) and renames the
+    nodes OpenVINO numbered from a process-wide counter (:func:`_stable_names`).
+    """
+    import openvino as ov
+
     rt = model.get_rt_info()
     if "conversion_parameters" in rt:
         del rt["conversion_parameters"]

@@ -53,7 +53,7 @@ def quantize_onnx(fp32_path: Path, out_path: Path, images: list[np.ndarray]) -> 
 def quantize_openvino(fp32_onnx_path: Path, xml_path: Path, images: list[np.ndarray]) -> None:
     import openvino as ov
 
-    from .onnx_io import _stable_names
+    from .onnx_io import _stable_names, save_openvino
 
     nncf = _nncf_quiet()
     model = ov.convert_model(str(fp32_onnx_path))
@@ -62,10 +62,5 @@ def quantize_openvino(fp32_onnx_path: Path, xml_path: Path, images: list[np.ndar
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = nncf.quantize(model, dataset, subset_size=len(images), preset=nncf.QuantizationPreset.MIXED)
-    rt = q.get_rt_info()
-    if "conversion_parameters" in rt:
-        del rt["conversion_parameters"]
-    _stable_names(q)
-    xml_path.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(q, str(xml_path), compress_to_fp16=False)
+    save_openvino(q, xml_path, fp16=False)
     log.info("wrote %s (%d calibration slices)", xml_path, len(images))

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"lapsam {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="debug log output of lapsam (-vv: of every library too); default: info")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="<part>")
     bench = sub.add_parser("bench", help="benchmarks that print figures (speed ratios, sizes)",
@@ -56,14 +57,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def expand_argv(argv: Sequence[str]) -> list[str]:
+    """Each part's shorthand forms written out (a part's ``expand_argv``, e.g. ``lapsam export CKPT``)."""
+    out = list(argv)
+    for mod_name in _PART_CLIS:
+        expand = getattr(sys.modules.get(mod_name), "expand_argv", None)
+        if expand is not None:
+            out = expand(out)
+    return out
+
+
+class LineFormatter(logging.Formatter):
+    """One line per record: ``error: ...`` / ``warning: ...`` / the message (info) / ``debug: NAME: ...``.
+
+    The same ``error: MESSAGE`` form as every command's own error lines.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.exc_info and record.levelno <= logging.DEBUG:
+            msg += "\n" + self.formatException(record.exc_info)
+        if record.levelno >= logging.ERROR:
+            return f"error: {msg}"
+        if record.levelno >= logging.WARNING:
+            return f"warning: {msg}"
+        if record.levelno >= logging.INFO:
+            return msg
+        return f"debug: {record.name}: {msg}"
+
+
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    """Log level: -q WARNING, default INFO, -v DEBUG for lapsam, -vv DEBUG for every library.
+
+    Records go to stderr, formatted by :class:`LineFormatter`.
+    """
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 0 else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LineFormatter())
+    logging.basicConfig(level=logging.DEBUG if verbose > 1 and not quiet else max(level, logging.INFO),
+                        handlers=[handler])
+    logging.getLogger("lapsam").setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(expand_argv(sys.argv[1:] if argv is None else argv))
     setup_logging(args.verbose, args.quiet)
     func = getattr(args, "func", None)
     if func is None:

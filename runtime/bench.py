@@ -15,9 +15,14 @@ Figures (each case run in a fresh child process, as the challenge runs each case
 * cold start: a fresh Python process that imports the runtime, loads the model and runs a
   tiny case (with and without a warm OpenVINO cache).
 
-Cases: the 14 challenge shapes and object counts (CHALLENGE.md section 1), made by
-resampling the shared real cases (images linearly, labels by nearest neighbour) and taking
-boxes from the resampled masks.
+Cases: the 14 shapes and object counts of the challenge's validation cases, made by
+resampling the real cases in demo/data (images linearly, labels by nearest neighbour) and
+taking boxes from the resampled masks.
+
+Model: ``--model DIR``, by default the default model (``$LAPSAM_MODEL_DIR``, else
+``models/default``). Speed does not depend on weight values: before a trained model exists,
+``lapsam export random --out DIR`` exports a random one. This module imports only the
+runtime (never torch, distill or export).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .backends import OV_PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -296,19 +303,6 @@ def cold_start(model: Path, backend: str, threads: int, tiny_case: Path, cache_d
 
 
 # ---- the command ------------------------------------------------------------------------------
-def _default_model(tmp: Path) -> Path:
-    import torch
-    from lapsam.distill.model import LapSamConfig, StudentConfig, build_lapsam, save_checkpoint
-    from lapsam.export.api import export_model
-
-    torch.manual_seed(0)
-    model = build_lapsam(LapSamConfig(student=StudentConfig(backbone="repvit_m0_9", input_size=512)))
-    ckpt = save_checkpoint(tmp / "random_repvit_m0_9_512.pt", model.eval())
-    out = tmp / "model"
-    export_model(ckpt, out, backends=("onnx", "openvino"), precisions=("fp32",))
-    return out
-
-
 def machine() -> str:
     cpu = platform.processor() or ""
     try:
@@ -328,40 +322,47 @@ def machine() -> str:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from lapsam.runtime.cpus import available_cpus, limit_blas_threads
+    from lapsam.runtime.cpus import available_cpus, blas_threads
+
+    with blas_threads(1):  # building cases is many small matrix products, as in the runtime
+        return _run_bench(args, args.threads or available_cpus())
+
+
+def _run_bench(args: argparse.Namespace, threads: int) -> int:
+    from lapsam.runtime.backends import backend_name
+    from lapsam.runtime.cli import default_model_dir
+    from lapsam.runtime.engines import cpu_has_bf16, read_manifest
     from tqdm import tqdm
 
     from lapsam.case import load_case
-    from lapsam.manifest import ModelManifest
+    from lapsam.errors import UsageError
 
-    limit_blas_threads(1)  # building cases is many matrix products, as in the runtime
-    threads = args.threads or available_cpus()
     data = args.data or REPO / "demo" / "data" / "imgs"
     gts = data.parent / "gts"
     names = QUICK if args.quick and not args.cases else (args.cases.split(",") if args.cases else [c.name for c in CHALLENGE_CASES])
     specs = {c.name: c for c in CHALLENGE_CASES}
     unknown = [n for n in names if n not in specs]
     if unknown:
-        print(f"unknown case(s) {unknown}; known: {', '.join(specs)}")
-        return 2
+        raise UsageError(f"unknown case(s) {unknown}; known: {', '.join(specs)}")
+    try:
+        backends = [backend_name(b.strip()) for b in args.backends.split(",") if b.strip()]
+    except ValueError as exc:
+        raise UsageError(f"--backends: {exc}") from None
+    hints = [h.strip() for h in args.ov_precisions.split(",") if h.strip()]
+    bad = [h for h in hints if h not in OV_PRECISIONS]
+    if bad:
+        raise UsageError(f"--ov-precisions: {bad} not in {OV_PRECISIONS}")
     naive_max = args.naive_max_pairs if args.naive_max_pairs is not None else (60 if args.quick else None)
+    model = args.model or default_model_dir()
+    manifest = read_manifest(model)
     tmp = Path(tempfile.mkdtemp(prefix="lapsam-bench-"))
-    model = args.model
-    if model is None:
-        print("no --model: exporting a random repvit_m0_9@512 student ...", flush=True)
-        model = _default_model(tmp)
-    manifest = ModelManifest.load(model)
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    hints = [h.strip() for h in args.hints.split(",") if h.strip()]
     variants: list[tuple[str, str | None]] = []
     for b in backends:
         if b == "openvino":
-            import openvino as ov
-
-            caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+            bf16 = cpu_has_bf16()
             for h in hints:
-                if h == "bf16" and "BF16" not in caps:
-                    print("OpenVINO: CPU has no BF16 capability, skipping bf16")
+                if h == "bf16" and not bf16:
+                    log.warning("OpenVINO: this CPU has no bf16; skipping --ov-precisions bf16")
                     continue
                 variants.append((b, h))
         else:
@@ -395,7 +396,7 @@ def run_bench(args: argparse.Namespace) -> int:
         out(f"- note: {args.note}")
     out("")
     out("### Engines")
-    out("| backend | hint | encoder ms/slice | decoder ms B=1 | decoder ms B=16 |")
+    out("| backend | OpenVINO precision | encoder ms/slice | decoder ms B=1 | decoder ms B=16 |")
     out("|---|---|---|---|---|")
     figs: dict[tuple[str, str | None], dict[str, float]] = {}
     for v in variants:
@@ -404,7 +405,7 @@ def run_bench(args: argparse.Namespace) -> int:
         out(f"| {v[0]} | {v[1] or '-'} | {f['enc_ms']:.1f} | {f['dec1_ms']:.1f} | {f['dec16_ms']:.1f} |")
     out("")
     out("### Cases (each run in a fresh child process; wall = predict() only, RSS = whole child)")
-    out("| backend | hint | case | shape | boxes | sum z / union z | wall s | enc calls | dec calls (boxes) | "
+    out("| backend | OpenVINO precision | case | shape | boxes | sum z / union z | wall s | enc calls | dec calls (boxes) | "
         "overhead (model) | overhead (in-run) | peak RSS MB | naive wall s | naive enc/dec calls | speed-up |")
     out("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for v in variants:
@@ -454,6 +455,9 @@ def run_bench(args: argparse.Namespace) -> int:
         with open(args.write, "a") as fp:
             fp.write("\n".join(lines) + "\n\n")
         print(f"appended to {args.write}")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

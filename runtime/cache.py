@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from .engines import Feats
 
-Feats = tuple[np.ndarray, np.ndarray, np.ndarray]
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from lapsam.errors import LapsamError
 
+from .backends import BACKEND_METAVAR, OV_PRECISIONS, backend_arg, positive_int
+
 MODEL_ENV = "LAPSAM_MODEL_DIR"
 
 
@@ -31,15 +33,17 @@ def default_model_dir() -> Path:
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=("openvino", "onnxruntime"), default="openvino",
+    p.add_argument("--backend", type=backend_arg, default="openvino", metavar=BACKEND_METAVAR,
                    help="inference engine (default: openvino)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads (default: CPUs available to this process: affinity and cgroup quota)")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
-                   help="which exported variant of the model to run (default: fp32)")
-    p.add_argument("--precision-hint", choices=("f32", "bf16"), default=None,
-                   help="OpenVINO INFERENCE_PRECISION_HINT (default: the plugin's choice; bf16 only helps on "
-                        "CPUs with AMX/AVX512-BF16)")
+                   help="which exported files to run: their weight precision (default: fp32)")
+    p.add_argument("--ov-precision", dest="precision_hint", choices=OV_PRECISIONS, default=None,
+                   help="OpenVINO execution precision, its INFERENCE_PRECISION_HINT (default: the plugin's "
+                        "choice; bf16 only helps on CPUs with AMX/AVX512-BF16); independent of --precision")
+    p.add_argument("--precision-hint", dest="precision_hint", choices=OV_PRECISIONS, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the former name of --ov-precision
     p.add_argument("--cache-dir", default=None,
                    help="OpenVINO compiled-model cache folder (default: $LAPSAM_OV_CACHE_DIR; unset: no cache)")
 
@@ -57,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help=f"exported model folder with manifest.json (default: ${MODEL_ENV}, else models/default)")
     add_engine_args(p)
-    p.add_argument("--decoder-batch", type=int, default=16, help="boxes per decoder call (default 16)")
+    p.add_argument("--decoder-batch", type=positive_int, default=16, help="boxes per decoder call (default 16)")
     p.add_argument("--margin", type=int, default=2,
                    help="3D: pixels added around the previous slice's mask box for the next prompt (default 2)")
     p.add_argument("--on-empty", choices=("box", "stop"), default="box",
@@ -67,9 +71,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .engines import read_manifest
     from .run import PredictOptions, predict_folder
 
     model = args.model or default_model_dir()
+    read_manifest(model)  # a folder that is not a model: one error line, exit code 2
     opts = PredictOptions(
         backend=args.backend,
         threads=args.threads,
@@ -93,15 +99,20 @@ def register_bench(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser(
         "runtime",
         help="speed of the runtime: engines, per-case wall time, overhead, RSS, naive-pipeline speed-up, cold start",
-        description="Build challenge-sized cases (CHALLENGE.md section 1 shapes and object counts) by resampling "
-        "the shared real cases, run them through the predictor and through a naive pipeline (every slice "
+        description="Build challenge-sized cases (the shapes and object counts of the challenge's validation "
+        "cases) by resampling the real cases in demo/data, run them through the predictor and through a naive pipeline (every slice "
         "re-encoded for every box, one decoder call per box and slice) with the same model, each case in a "
         "child process, and print the figures (optionally appending them to BENCHMARKS.md).",
     )
     p.add_argument("--model", type=Path, default=None,
-                   help="exported model folder (default: export a random repvit_m0_9@512 student to a temp dir)")
+                   help=f"exported model folder (default: ${MODEL_ENV}, else models/default); before a trained "
+                        "model exists, `lapsam export random --out DIR` gives one with random weights")
     p.add_argument("--backends", default="openvino,onnxruntime", help="comma list (default: both)")
-    p.add_argument("--hints", default="f32,bf16", help="OpenVINO precision hints to try (default f32,bf16)")
+    p.add_argument("--ov-precisions", default="f32,bf16",
+                   help="comma list of OpenVINO execution precisions to try (default f32,bf16; bf16 only "
+                        "where the CPU has it)")
+    p.add_argument("--hints", dest="ov_precisions", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the former name of --ov-precisions
     p.add_argument("--cases", default=None,
                    help="comma list of case names to run (e.g. 3DBox_MR_0121,2DBox_US); default: all 14")
     p.add_argument("--quick", action="store_true",
@@ -109,7 +120,7 @@ def register_bench(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--naive-max-pairs", type=int, default=None,
                    help="skip the naive pipeline on cases with more (box, slice) pairs than this "
                         "(its time is then estimated from the engine timings and marked 'est')")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: available CPUs)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: available CPUs)")
     p.add_argument("--data", type=Path, default=None, help="folder of real cases to resample (default demo/data/imgs)")
     p.add_argument("--write", type=Path, default=None, help="append the figures as markdown to this file")
     p.add_argument("--note", default="", help="text added to the markdown (machine load, what else ran)")

@@ -1,14 +1,25 @@
-"""Inference engines over the exported encoder/decoder graphs (ONNX Runtime or OpenVINO).
+"""Inference engines over the exported graphs (ONNX Runtime or OpenVINO): the one engine layer.
 
-An engine has two calls, following the graph contract in :mod:`lapsam.manifest`:
+The runtime, ``lapsam export check`` and the benchmarks all open exported files through this
+module, so the parity check runs the code that ships. Two levels:
 
-* ``encode(image)``: (1, 3, S, S) float32 -> ``(image_embed, high_res_feats_0, high_res_feats_1)``;
-* ``decode(feats, boxes, point_coords, point_labels, mask_input, has_mask_input)``
-  -> ``(masks (B, 1, L, L) logits, iou_predictions (B, 1))``.
+* a **graph**: one exported file opened with its backend (:func:`open_graph`: a sha256-checked
+  manifest entry; :class:`OrtGraph` / :class:`OvGraph` for a path). ``graph.run(feeds, outputs)``
+  casts each input to the graph's dtype and returns float32 copies of the outputs;
+* an **engine**: the encoder and decoder graph of one model variant (:func:`load_engine`),
+  following the graph contract in :mod:`lapsam.manifest`:
 
-Both backends are imported lazily (inside the loaders), never torch. Every file is
-checked against its sha256 in the manifest before it is loaded, and each model is
-loaded/compiled once per process (the engine object is reused for every case).
+  - ``encode(image)``: (1, 3, S, S) float32 -> ``(image_embed, high_res_feats_0, high_res_feats_1)``;
+  - ``decode(feats, boxes, point_coords, point_labels, mask_input, has_mask_input)``
+    -> ``(masks (B, 1, L, L) logits, iou_predictions (B, 1))``.
+
+Backends are named ``openvino`` and ``onnxruntime`` (the manifest records ONNX files as
+``onnx``; that word is accepted as an alias). Both are imported lazily, never torch. Every
+file is checked against its sha256 before it is loaded; each model is loaded/compiled once.
+
+ONNX Runtime: worker threads do not spin while idle (``EngineOptions.ort_spinning=False``):
+between engine calls the runtime does numpy work (resizing, mask upsampling) on the same few
+CPUs, and spinning workers would compete with it.
 """
 
 from __future__ import annotations
@@ -16,29 +27,51 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from lapsam.errors import LapsamError
+from lapsam.errors import LapsamError, UsageError
 from lapsam.manifest import (
     DECODER_INPUTS,
     DECODER_OUTPUTS,
     ENCODER_INPUT,
     ENCODER_OUTPUTS,
+    PRECISIONS,
     ModelFile,
     ModelManifest,
     verify_file,
 )
 
+from .backends import BACKENDS, OV_PRECISIONS, backend_name, file_backend
+from .cpus import available_cpus
+
 log = logging.getLogger(__name__)
 
 Feats = tuple[np.ndarray, np.ndarray, np.ndarray]
-BACKEND_ALIASES = {"onnxruntime": "onnx", "ort": "onnx", "onnx": "onnx", "openvino": "openvino", "ov": "openvino"}
-PRECISION_HINTS = ("f32", "bf16")
+
 OV_CACHE_ENV = "LAPSAM_OV_CACHE_DIR"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether OpenVINO can execute in bf16 on this CPU (AVX512-BF16 or AMX)."""
+    import openvino as ov
+
+    try:
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except RuntimeError:
+        return False
+
+
+def read_manifest(model_dir: str | Path) -> ModelManifest:
+    """The manifest of an exported model folder; a folder that is not one gives a one-line UsageError."""
+    try:
+        return ModelManifest.load(model_dir)
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        raise UsageError(f"--model {model_dir}: {exc}") from None
 
 
 class Engine(Protocol):
@@ -57,23 +90,33 @@ class Engine(Protocol):
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+class Graph(Protocol):
+    """One opened graph file."""
+
+    inputs: dict[str, np.dtype]
+    output_names: list[str]
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]: ...
+
+
 @dataclass
 class EngineOptions:
-    """How to load a model: backend, precision, threads and OpenVINO settings."""
+    """How to load a model: backend, which files, threads and backend settings."""
 
-    backend: str = "openvino"
-    precision: str = "fp32"
-    threads: int | None = None
+    backend: str = "openvino"  # openvino | onnxruntime (alias: onnx)
+    precision: str = "fp32"  # which exported files: fp32 | fp16 | int8 (a missing decoder falls back to fp32)
+    threads: int | None = None  # None: the CPUs available to this process
     cache_dir: str | None = None  # OpenVINO CACHE_DIR; default: env LAPSAM_OV_CACHE_DIR
-    precision_hint: str | None = None  # OpenVINO INFERENCE_PRECISION_HINT: f32 | bf16 (None: plugin default)
-    verify: bool = True
+    precision_hint: str | None = None  # OpenVINO execution precision f32 | bf16 (None: the plugin's default)
+    ort_spinning: bool = False  # ONNX Runtime: idle worker threads busy-wait (session.intra_op.allow_spinning)
+    verify: bool = True  # check the sha256 of every file before loading it
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKEND_ALIASES:
-            raise ValueError(f"unknown backend {self.backend!r}; use openvino or onnxruntime")
-        self.backend = BACKEND_ALIASES[self.backend]
-        if self.precision_hint is not None and self.precision_hint not in PRECISION_HINTS:
-            raise ValueError(f"precision hint must be one of {PRECISION_HINTS}, got {self.precision_hint!r}")
+        self.backend = backend_name(self.backend)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision_hint is not None and self.precision_hint not in OV_PRECISIONS:
+            raise ValueError(f"OpenVINO precision must be one of {OV_PRECISIONS}, got {self.precision_hint!r}")
 
 
 @dataclass
@@ -89,9 +132,6 @@ class CallStats:
     def reset(self) -> None:
         self.encoder_calls = self.decoder_calls = self.decoder_items = 0
         self.encoder_s = self.decoder_s = 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -117,155 +157,169 @@ class CountingEngine:
         return out
 
 
-def _np_dtype_from_ort(t: str) -> np.dtype:
-    table = {
-        "tensor(float)": np.float32,
-        "tensor(float16)": np.float16,
-        "tensor(double)": np.float64,
-        "tensor(int64)": np.int64,
-        "tensor(int32)": np.int32,
-        "tensor(bool)": np.bool_,
-        "tensor(uint8)": np.uint8,
-    }
-    return np.dtype(table.get(t, np.float32))
+# ---- graphs -----------------------------------------------------------------------------------
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+    "tensor(uint8)": np.uint8,
+}
 
 
-class OnnxRuntimeEngine:
-    """ONNX Runtime sessions (one per graph), created once."""
+def _feed(graph: Graph, feeds: Mapping[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
+    missing = [k for k in graph.inputs if k not in feeds]
+    if missing:
+        raise LapsamError(f"{path.name}: no value for graph inputs {missing}")
+    return {k: np.ascontiguousarray(feeds[k], dtype=dt) for k, dt in graph.inputs.items()}
 
-    def __init__(self, encoder_path: Path, decoder_path: Path, threads: int):
+
+class OrtGraph:
+    """One ONNX Runtime CPU session (sequential, all graph optimisations)."""
+
+    def __init__(self, path: str | Path, threads: int, spinning: bool = False):
         import onnxruntime as ort
 
-        def session(path: Path) -> ort.InferenceSession:
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+        self.path = Path(path)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: np.dtype(_ORT_DTYPES.get(i.type, np.float32)) for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
 
-        self.enc = session(encoder_path)
-        self.dec = session(decoder_path)
-        self.enc_input = self.enc.get_inputs()[0].name
-        self.enc_dtype = _np_dtype_from_ort(self.enc.get_inputs()[0].type)
-        self.dec_dtypes = {i.name: _np_dtype_from_ort(i.type) for i in self.dec.get_inputs()}
-        missing = set(DECODER_INPUTS) - set(self.dec_dtypes)
-        if missing:
-            raise LapsamError(f"{decoder_path.name}: decoder lacks inputs {sorted(missing)}")
-
-    def encode(self, image: np.ndarray) -> Feats:
-        out = self.enc.run(list(ENCODER_OUTPUTS), {self.enc_input: image.astype(self.enc_dtype, copy=False)})
-        return tuple(np.asarray(o, np.float32) for o in out)  # type: ignore[return-value]
-
-    def decode(self, feats, boxes, point_coords, point_labels, mask_input, has_mask_input):  # type: ignore[no-untyped-def]
-        values = dict(zip(DECODER_INPUTS, (*feats, boxes, point_coords, point_labels, mask_input, has_mask_input), strict=False))
-        feed = {k: np.ascontiguousarray(v, dtype=self.dec_dtypes[k]) for k, v in values.items()}
-        masks, iou = self.dec.run(list(DECODER_OUTPUTS), feed)
-        return np.asarray(masks, np.float32), np.asarray(iou, np.float32)
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+        out = self.session.run(list(outputs or self.output_names), _feed(self, feeds, self.path))
+        return [np.asarray(o, np.float32) for o in out]
 
 
-class OpenVinoEngine:
-    """OpenVINO compiled models (LATENCY hint), compiled once; optional compiled-model cache."""
+def _ov_compile(core, path: Path, config: dict[str, object], cache_dir: str | None):  # type: ignore[no-untyped-def]
+    """Compile with CACHE_DIR if one is set; a cache that cannot be used falls back to a plain compile."""
+    if cache_dir:
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            return core.compile_model(str(path), "CPU", {**config, "CACHE_DIR": str(cache_dir)})
+        except Exception as exc:  # noqa: BLE001 - any cache problem must not stop inference
+            log.warning("OpenVINO cache %s unusable (%s); compiling without it", cache_dir, exc)
+    return core.compile_model(core.read_model(str(path)), "CPU", config)
 
-    def __init__(
-        self,
-        encoder_path: Path,
-        decoder_path: Path,
-        threads: int,
-        cache_dir: str | None = None,
-        precision_hint: str | None = None,
-    ):
+
+class OvGraph:
+    """One OpenVINO compiled model on the CPU (LATENCY hint) with one reused infer request."""
+
+    def __init__(self, path: str | Path, threads: int, precision_hint: str | None = None,
+                 cache_dir: str | None = None, core=None):  # type: ignore[no-untyped-def]
         import openvino as ov
 
-        self.core = ov.Core()
+        self.path = Path(path)
         config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(threads)}
         if precision_hint:
             config["INFERENCE_PRECISION_HINT"] = precision_hint
-        self.config = config
-        self.cache_dir = cache_dir
-        self.enc = self._compile(encoder_path)
-        self.dec = self._compile(decoder_path)
-        self.enc_req = self.enc.create_infer_request()
-        self.dec_req = self.dec.create_infer_request()
-        self.enc_input = self.enc.inputs[0].get_any_name()
-        self.enc_dtype = np.dtype(self.enc.inputs[0].get_element_type().to_dtype())
-        self.dec_dtypes = {}
-        for port in self.dec.inputs:
-            for name in port.get_names():
-                self.dec_dtypes[name] = np.dtype(port.get_element_type().to_dtype())
-        missing = set(DECODER_INPUTS) - set(self.dec_dtypes)
-        if missing:
-            raise LapsamError(f"{decoder_path.name}: decoder lacks inputs {sorted(missing)}")
+        self.compiled = _ov_compile(core or ov.Core(), self.path, config, cache_dir)
+        self.request = self.compiled.create_infer_request()
+        self.inputs = {p.get_any_name(): np.dtype(p.get_element_type().to_dtype()) for p in self.compiled.inputs}
+        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
 
-    def _compile(self, path: Path):  # type: ignore[no-untyped-def]
-        """Compile with CACHE_DIR if one is set; a cache that cannot be used falls back to a plain compile."""
-        if self.cache_dir:
-            try:
-                os.makedirs(self.cache_dir, exist_ok=True)
-                self.core.set_property({"CACHE_DIR": str(self.cache_dir)})
-                return self.core.compile_model(str(path), "CPU", self.config)
-            except Exception as exc:  # noqa: BLE001 - any cache problem must not stop inference
-                log.warning("OpenVINO cache %s unusable (%s); compiling without it", self.cache_dir, exc)
-                try:
-                    self.core.set_property({"CACHE_DIR": ""})
-                except Exception:  # noqa: BLE001
-                    self.core = __import__("openvino").Core()
-        return self.core.compile_model(self.core.read_model(str(path)), "CPU", self.config)
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+        self.request.infer(_feed(self, feeds, self.path), share_inputs=True)
+        # copies: the request's output buffers are reused by the next call
+        return [np.array(self.request.get_tensor(n).data, np.float32) for n in (outputs or self.output_names)]
+
+
+def open_graph(model_dir: str | Path, entry: ModelFile, opts: EngineOptions | None = None,
+               threads: int | None = None, core=None) -> Graph:  # type: ignore[no-untyped-def]
+    """Verify ``entry``'s files against their sha256 (``opts.verify``), then open it with its backend.
+
+    ``opts`` gives the threads and backend settings (``opts.backend`` and ``opts.precision``
+    are not used: the entry says which file); ``threads`` overrides ``opts.threads``.
+    """
+    opts = opts or EngineOptions(backend=entry.backend)
+    model_dir = Path(model_dir)
+    if opts.verify:
+        verify_file(model_dir, entry)
+    n = int(threads or opts.threads or available_cpus())
+    path = model_dir / entry.path
+    if entry.backend == "onnx":
+        return OrtGraph(path, n, opts.ort_spinning)
+    cache_dir = opts.cache_dir or os.environ.get(OV_CACHE_ENV) or None
+    return OvGraph(path, n, opts.precision_hint, cache_dir, core)
+
+
+# ---- engines ----------------------------------------------------------------------------------
+class GraphEngine:
+    """An encoder graph and a decoder graph: :class:`Engine` for an exported model."""
+
+    def __init__(self, encoder: Graph, decoder: Graph):
+        if ENCODER_INPUT not in encoder.inputs:
+            raise LapsamError(f"encoder graph lacks input {ENCODER_INPUT!r} (has {sorted(encoder.inputs)})")
+        missing = set(DECODER_INPUTS) - set(decoder.inputs)
+        if missing:
+            raise LapsamError(f"decoder graph lacks inputs {sorted(missing)}")
+        self.encoder = encoder
+        self.decoder = decoder
 
     def encode(self, image: np.ndarray) -> Feats:
-        self.enc_req.infer({self.enc_input: np.ascontiguousarray(image, dtype=self.enc_dtype)}, share_inputs=True)
-        # copies: the request's output buffers are reused by the next call
-        return tuple(np.array(self.enc_req.get_tensor(n).data, np.float32) for n in ENCODER_OUTPUTS)  # type: ignore[return-value]
+        return tuple(self.encoder.run({ENCODER_INPUT: image}, ENCODER_OUTPUTS))  # type: ignore[return-value]
 
     def decode(self, feats, boxes, point_coords, point_labels, mask_input, has_mask_input):  # type: ignore[no-untyped-def]
-        values = dict(zip(DECODER_INPUTS, (*feats, boxes, point_coords, point_labels, mask_input, has_mask_input), strict=False))
-        feed = {k: np.ascontiguousarray(v, dtype=self.dec_dtypes[k]) for k, v in values.items()}
-        self.dec_req.infer(feed, share_inputs=True)
-        return tuple(np.array(self.dec_req.get_tensor(n).data, np.float32) for n in DECODER_OUTPUTS)  # type: ignore[return-value]
-
-
-def _model_path(model_dir: Path, entry: ModelFile) -> Path:
-    return model_dir / entry.path
+        values = (*feats, boxes, point_coords, point_labels, mask_input, has_mask_input)
+        masks, iou = self.decoder.run(dict(zip(DECODER_INPUTS, values, strict=True)), DECODER_OUTPUTS)
+        return masks, iou
 
 
 def select_files(manifest: ModelManifest, backend: str, precision: str) -> tuple[ModelFile, ModelFile]:
     """Encoder and decoder entries for a backend/precision (the decoder falls back to fp32)."""
+    fb = file_backend(backend)
     try:
-        enc = manifest.find("encoder", backend, precision)
+        enc = manifest.find("encoder", fb, precision)
     except KeyError as exc:
         raise LapsamError(f"model '{manifest.name}': {exc.args[0]}") from None
     try:
-        dec = manifest.find("decoder", backend, precision)
+        dec = manifest.find("decoder", fb, precision)
     except KeyError:
         try:
-            dec = manifest.find("decoder", backend, "fp32")
+            dec = manifest.find("decoder", fb, "fp32")
         except KeyError as exc:
             raise LapsamError(f"model '{manifest.name}': {exc.args[0]}") from None
     return enc, dec
 
 
-def load_engine(model_dir: str | Path, manifest: ModelManifest, opts: EngineOptions, threads: int) -> Engine:
-    """Verify the selected files' sha256, then create the backend engine."""
-    model_dir = Path(model_dir)
+def load_engine(model_dir: str | Path, manifest: ModelManifest, opts: EngineOptions,
+                threads: int | None = None) -> GraphEngine:
+    """Verify the selected files' sha256, then open the encoder and decoder with ``opts.backend``."""
     enc, dec = select_files(manifest, opts.backend, opts.precision)
-    if opts.verify:
-        for entry in (enc, dec):
-            verify_file(model_dir, entry)
-    if opts.backend == "onnx":
-        return OnnxRuntimeEngine(_model_path(model_dir, enc), _model_path(model_dir, dec), threads)
-    cache_dir = opts.cache_dir or os.environ.get(OV_CACHE_ENV) or None
-    return OpenVinoEngine(_model_path(model_dir, enc), _model_path(model_dir, dec), threads, cache_dir, opts.precision_hint)
+    core = None
+    if opts.backend == "openvino":
+        import openvino as ov
+
+        core = ov.Core()  # one core for both graphs
+    return GraphEngine(open_graph(model_dir, enc, opts, threads, core), open_graph(model_dir, dec, opts, threads, core))
 
 
 __all__ = [
+    "BACKENDS",
     "ENCODER_INPUT",
+    "OV_PRECISIONS",
     "CallStats",
     "CountingEngine",
     "Engine",
     "EngineOptions",
     "Feats",
-    "OnnxRuntimeEngine",
-    "OpenVinoEngine",
+    "Graph",
+    "GraphEngine",
+    "OrtGraph",
+    "OvGraph",
+    "backend_name",
+    "cpu_has_bf16",
+    "file_backend",
     "load_engine",
+    "open_graph",
+    "read_manifest",
     "select_files",
 ]

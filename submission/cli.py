@@ -9,6 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lapsam.runtime.backends import BACKEND_METAVAR, backend_arg, file_backend
+
 DEFAULT_TAG = "lapsam:latest"
 
 
@@ -36,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--no-compile-cache", action="store_true",
                    help="do not fill OpenVINO's compiled-model cache at build time")
     b.add_argument("--uid", type=int, default=1000, help="uid of the image's non-root user (default 1000)")
-    b.add_argument("--only-backend", choices=["openvino", "onnx"], default=None,
+    b.add_argument("--only-backend", type=backend_arg, default=None, metavar=BACKEND_METAVAR,
                    help="ship only this backend's model files (predict.sh runs openvino); default: all")
     b.set_defaults(func=cmd_build)
 
@@ -45,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--model", type=Path, required=True, help="exported model folder (with manifest.json)")
     c.add_argument("-o", "--out", type=Path, required=True, help="folder to create or refresh")
     c.add_argument("--repo", type=Path, default=None, help="lapsam source tree (default: found from this install)")
-    c.add_argument("--only-backend", choices=["openvino", "onnx"], default=None,
+    c.add_argument("--only-backend", type=backend_arg, default=None, metavar=BACKEND_METAVAR,
                    help="ship only this backend's model files; default: all")
     c.set_defaults(func=cmd_context)
 
@@ -90,7 +92,7 @@ def _print(line: str) -> None:
 def cmd_context(args: argparse.Namespace) -> int:
     from .context import prepare_context
 
-    backends = (args.only_backend,) if args.only_backend else None
+    backends = (file_backend(args.only_backend),) if args.only_backend else None
     out = prepare_context(args.model, args.out, repo=args.repo, backends=backends)
     _print(f"build context ready: {out}\n  docker build -t NAME:latest --build-arg BASE_IMAGE=IMG {out}")
     return 0
@@ -105,7 +107,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     ensure_base_image(base, client)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lapsam-context-") as tmp:
-        backends = (args.only_backend,) if args.only_backend else None
+        backends = (file_backend(args.only_backend),) if args.only_backend else None
         ctx = prepare_context(args.model, args.context or Path(tmp) / "context", repo=args.repo,
                               backends=backends)
         _print(f"context: {ctx} ({time.perf_counter() - t0:.1f} s); building {args.tag} from {base}")
@@ -189,7 +191,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                      else time_case_run(tag, path, client, env))
                 # An empty inputs folder may end with a non-zero exit ("no cases"): still a start-up time.
                 if r.exit_code != 0 and path is not None:
-                    _print(f"run failed ({v}, {label}): exit {r.exit_code}\n{r.log_tail}")
+                    _print(f"error: run failed ({v}, {label}): exit {r.exit_code}\n{r.log_tail}")
                     return 1
                 walls.setdefault((label, v), []).append(r.wall_s)
                 m = _MODEL_LOAD.findall(r.log_tail)

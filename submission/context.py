@@ -3,8 +3,8 @@
 The image is built offline: nothing inside ``docker build`` reaches a package index. The
 host downloads manylinux wheels for the image's Python (``pip download --only-binary=:all:
 --python-version 3.11 --platform manylinux...``) into a cached wheelhouse, builds a wheel of
-lapsam from the source tree (no extras: the runtime needs numpy, onnxruntime, openvino and
-tqdm only), and lays out a context folder that the repo's ``Dockerfile`` expects::
+lapsam from the source tree (no extras: the runtime needs numpy, onnxruntime, openvino,
+threadpoolctl and tqdm only), and lays out a context folder that the repo's ``Dockerfile`` expects::
 
     Dockerfile
     wheelhouse/deps/*.whl + requirements.txt   (changes rarely: an early, cached layer)
@@ -31,7 +31,7 @@ from lapsam.manifest import BACKENDS, MANIFEST_NAME, ModelManifest
 log = logging.getLogger(__name__)
 
 #: What the torch-free runtime needs (pyproject's base dependencies).
-RUNTIME_PACKAGES: tuple[str, ...] = ("numpy", "onnxruntime", "openvino", "tqdm")
+RUNTIME_PACKAGES: tuple[str, ...] = ("numpy", "onnxruntime", "openvino", "threadpoolctl", "tqdm")
 #: glibc tags accepted by a Debian bookworm (glibc 2.36) or newer image; pip 23 does not
 #: expand a single manylinux tag to the older ones, so all are listed.
 MANYLINUX_PLATFORMS: tuple[str, ...] = (

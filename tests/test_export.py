@@ -101,22 +101,22 @@ def test_graph_tensor_names(small_model_dir: Path) -> None:
 # ---- decoder prompts -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_decoder_batches_and_points(small_model_dir: Path, model, backend: str) -> None:
-    from lapsam.export.engines import open_runner
+    """The runtime's engines (the code that ships) on every prompt kind, against PyTorch."""
+    from lapsam.runtime.engines import EngineOptions, load_engine
 
     m = ModelManifest.load(small_model_dir)
     s = m.preprocessing.input_size
     low = m.preprocessing.low_res_size
-    enc = open_runner(small_model_dir, m.find("encoder", backend), threads=2)
-    dec = open_runner(small_model_dir, m.find("decoder", backend), threads=2)
+    engine = load_engine(small_model_dir, m, EngineOptions(backend=backend, precision_hint="f32"), threads=2)
     rng = np.random.default_rng(1)
     image = rng.standard_normal((1, 3, s, s)).astype(np.float32)
-    feats = enc({ENCODER_INPUT: image})
+    feats = engine.encode(image)
     with torch.no_grad():
         tfeats = model.encode(torch.from_numpy(image))
-    for name, t in zip(ENCODER_OUTPUTS, tfeats, strict=True):
-        np.testing.assert_allclose(feats[name], t.numpy(), atol=1e-4)
+    for f, t in zip(feats, tfeats, strict=True):
+        np.testing.assert_allclose(f, t.numpy(), atol=1e-4)
     for b, p, with_mask in [(1, 0, False), (7, 0, False), (1, 1, False), (7, 1, True), (1, 5, True), (7, 5, False)]:
         xy0 = rng.uniform(0, s / 2, (b, 2))
         boxes = np.concatenate([xy0, xy0 + rng.uniform(8, s / 2, (b, 2))], 1).astype(np.float32)
@@ -124,10 +124,9 @@ def test_decoder_batches_and_points(small_model_dir: Path, model, backend: str) 
         labels = rng.integers(0, 2, (b, p)).astype(np.float32)
         mask_in = (rng.standard_normal((b, 1, low, low)) * 4).astype(np.float32)
         has = np.full((b,), 1.0 if with_mask else 0.0, np.float32)
-        out = dec({**feats, "boxes": boxes, "point_coords": coords, "point_labels": labels,
-                   "mask_input": mask_in, "has_mask_input": has})
-        assert out["masks"].shape == (b, 1, low, low)
-        assert out["iou_predictions"].shape == (b, 1)
+        masks, iou = engine.decode(feats, boxes, coords, labels, mask_in, has)
+        assert masks.shape == (b, 1, low, low)
+        assert iou.shape == (b, 1)
         with torch.no_grad():
             ref_m, ref_iou = model.decode(
                 *tfeats, boxes=torch.from_numpy(boxes),
@@ -135,11 +134,11 @@ def test_decoder_batches_and_points(small_model_dir: Path, model, backend: str) 
                 point_labels=torch.from_numpy(labels) if p else None,
                 mask_input=torch.from_numpy(mask_in) if with_mask else None, repeat_image=True,
             )
-        np.testing.assert_allclose(out["masks"], ref_m.numpy(), atol=2e-3, err_msg=f"B={b} P={p} mask={with_mask}")
-        np.testing.assert_allclose(out["iou_predictions"], ref_iou.numpy(), atol=2e-3)
+        np.testing.assert_allclose(masks, ref_m.numpy(), atol=2e-3, err_msg=f"B={b} P={p} mask={with_mask}")
+        np.testing.assert_allclose(iou, ref_iou.numpy(), atol=2e-3)
         # Boxes are not interchangeable: each row answers its own prompt.
         if b == 7:
-            assert not np.allclose(out["masks"][0], out["masks"][1])
+            assert not np.allclose(masks[0], masks[1])
 
 
 # ---- integrity -------------------------------------------------------------------------------
@@ -147,7 +146,7 @@ def test_decoder_batches_and_points(small_model_dir: Path, model, backend: str) 
 
 @pytest.mark.parametrize("rel", ["decoder.onnx", "openvino/encoder_fp32.bin"])
 def test_corrupted_file_detected(small_model_dir: Path, tmp_path: Path, rel: str) -> None:
-    from lapsam.export.engines import open_runner
+    from lapsam.runtime.engines import open_graph
 
     d = tmp_path / "model"
     shutil.copytree(small_model_dir, d)
@@ -160,7 +159,7 @@ def test_corrupted_file_detected(small_model_dir: Path, tmp_path: Path, rel: str
     with pytest.raises(ModelIntegrityError, match="sha256"):
         verify_file(d, entry)
     with pytest.raises(ModelIntegrityError):
-        open_runner(d, entry)
+        open_graph(d, entry)
     (d / rel).unlink()
     with pytest.raises(ModelIntegrityError, match="missing"):
         verify_file(d, entry)
@@ -193,7 +192,7 @@ def test_export_check_two_cases(small_model_dir: Path, case_copy, tmp_path: Path
     cases = case_copy(CASE_2D, CASE_3D)
     results = run_check(small_model_dir, cases, threads=2, max_slices=2, bf16=False)
     names = [r.name for r in results]
-    assert names == ["onnx/fp32", "openvino/fp32"]
+    assert names == ["onnxruntime/fp32", "openvino/fp32"]
     for r in results:
         assert r.error is None
         assert set(r.dsc) == {CASE_2D, CASE_3D}
@@ -206,7 +205,7 @@ def test_export_check_two_cases(small_model_dir: Path, case_copy, tmp_path: Path
                "--no-bf16", "--json", str(js)])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "onnx/fp32" in out and "openvino/fp32" in out and "DSC min" in out
+    assert "onnxruntime/fp32" in out and "openvino/fp32" in out and "DSC min" in out
     assert [r["passed"] for r in json.loads(js.read_text())] == [True, True]
 
 
@@ -231,7 +230,7 @@ def test_export_check_fails_on_wrong_model(small_model_dir: Path, case_copy, tmp
     rc = main(["export", "check", str(d), "--cases", str(case_copy(CASE_2D)), "--no-bf16", "--json", str(js)])
     assert rc == 1
     res = {r["name"]: r for r in json.loads(js.read_text())}
-    assert res["onnx/fp32"]["passed"] is False and res["onnx/fp32"]["dsc_min"] < 0.999
+    assert res["onnxruntime/fp32"]["passed"] is False and res["onnxruntime/fp32"]["dsc_min"] < 0.999
     assert res["openvino/fp32"]["passed"] is True
 
 
@@ -301,24 +300,40 @@ def test_export_errors_leave_output_untouched(small_checkpoint: Path, tmp_path: 
     assert [p.name for p in out.iterdir()] == ["note.txt"]
 
 
-def test_cli_parses_both_forms(tmp_path: Path) -> None:
+def test_cli_parses_both_forms(tmp_path: Path, capsys) -> None:
     from lapsam.export import cli
 
-    from lapsam.cli import build_parser
+    from lapsam.cli import build_parser, expand_argv
 
     p = build_parser()
-    a = p.parse_args(["export", "ckpt.pt", "--out", "models/x", "--precision", "fp32", "fp16", "--no-simplify"])
+
+    def parse(*argv: str):
+        return p.parse_args(expand_argv(argv))
+
+    a = parse("export", "ckpt.pt", "--out", "models/x", "--precision", "fp32", "fp16", "--no-simplify")
     assert a.func is cli._cmd_export
     assert a.checkpoint == Path("ckpt.pt") and a.out == Path("models/x")
     assert a.precision == ["fp32", "fp16"] and a.simplify is False and a.int8 is False
-    a = p.parse_args(["export", "model", "check", "--out", "m"])  # a checkpoint named "check"
-    assert a.func is cli._cmd_export and a.checkpoint == Path("check")
-    a = p.parse_args(["export", "check", "models/x", "--cases", "c"])
+    assert a.backend == ["openvino", "onnxruntime"]
+    a = parse("-v", "export", "model", "check", "--out", "m", "--backend", "onnx")  # a checkpoint named "check"
+    assert a.func is cli._cmd_export and a.checkpoint == Path("check") and a.backend == ["onnxruntime"]
+    a = parse("export", "check", "models/x", "--cases", "c")
     assert a.func is cli._cmd_check and a.model_dir == Path("models/x") and a.cases == Path("c")
+    a = parse("export", "random", "--out", "r", "--input-size", "256")
+    assert a.func is cli._cmd_random and a.input_size == 256 and a.backbone == "repvit_m0_9"
     with pytest.raises(SystemExit):
-        p.parse_args(["export", "ckpt.pt"])  # --out is required
-    a = p.parse_args(["bench", "export", "--no-teacher"])
+        parse("export", "ckpt.pt")  # --out is required
+    with pytest.raises(SystemExit):
+        parse("export", "ckpt.pt", "--out", "m", "--backend", "tensorrt")
+    a = parse("bench", "export", "--no-teacher")
     assert a.func is cli._cmd_bench and a.teacher_enabled is False
+    with pytest.raises(SystemExit):
+        parse("export", "--help")
+    help_text = capsys.readouterr().out
+    assert "{model,check,random}" in help_text and "lapsam export CHECKPOINT" in help_text
+    with pytest.raises(SystemExit):
+        parse("export", "model", "--help")
+    assert "{openvino,onnxruntime}" in capsys.readouterr().out  # the alias "onnx" is not advertised
 
 
 def test_slices_and_calibration(case_copy, caplog) -> None:

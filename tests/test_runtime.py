@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,7 @@ from lapsam.runtime.run import PredictOptions
 
 from lapsam.case import case_from_arrays
 from lapsam.manifest import Preprocessing
-from lapsam.preprocess import resize_2d
+from lapsam.preprocess import preprocess_image
 
 S = 128  # fake model input size
 PP = Preprocessing(input_size=S)
@@ -39,7 +42,8 @@ class FakeEngine:
         e = S // 16
         embed = np.zeros((1, 256, e, e), np.float32)
         hr0 = np.zeros((1, 32, 4 * e, 4 * e), np.float32)
-        hr0[0, 0] = resize_2d(image[0, 0], (4 * e, 4 * e))  # brightness at the low-res grid
+        k = S // (4 * e)  # brightness at the low-res grid: the brightest input pixel of each k x k block
+        hr0[0, 0] = image[0, 0].reshape(4 * e, k, 4 * e, k).max(axis=(1, 3))
         return embed, hr0, np.zeros((1, 64, 2 * e, 2 * e), np.float32)
 
     def decode(self, feats, boxes, point_coords, point_labels, mask_input, has_mask_input):
@@ -249,17 +253,25 @@ def test_3d_cache_limit_bounds_memory_and_counts_reencodes():
     assert segs2.max() == 3
 
 
-def test_3d_box_mid_z_from_2025_case_used_as_start():
+def test_3d_box_mid_z_of_a_2025_file_is_the_start_slice(tmp_path: Path):
+    """A 2025-format file (box dicts with z_mid) loaded from disk: propagation starts on z_mid."""
+    from lapsam.case import load_case
+
     d, h, w = 20, 32, 32
     vol = unique_volume(d, h, w, 6)
     vol[:, 8:24, 8:24] = 250
+    box = {"z_min": 2, "z_max": 17, "z_mid": 4, "z_mid_x_min": 8, "z_mid_y_min": 8,
+           "z_mid_x_max": 23, "z_mid_y_max": 23}
+    path = tmp_path / "3DBox_CT_interactive_fake.npz"
+    np.savez(path, imgs=vol, boxes=np.array([box], dtype=object), spacing=np.array([1.0, 1.0, 1.0]))
+    case = load_case(path)
     pred, eng = make_predictor()
-    case = case3d(vol, [[8, 8, 2, 23, 23, 17]])
-    case.box_mid_z = np.array([4])
-    pred.predict(case)
-    # sweep 1 starts at slice 4 with the given box: the first decoder call uses it exactly
-    np.testing.assert_allclose(eng.decode_batches[0][0], np.array([8, 8, 23, 23]) * S / w)
-    assert len(eng.decode_batches) == 16  # 4..17 upward, 3..2 downward
+    segs = pred.predict(case)
+    start, _ = preprocess_image(vol[4], PP)  # z_mid, not (z_min + z_max) // 2 = 9
+    assert eng.encoded[0] == hashlib.sha1(start.tobytes()).hexdigest()
+    np.testing.assert_allclose(eng.decode_batches[0][0], np.array([8, 8, 23, 23]) * S / w)  # the given box
+    present = [z for z in range(d) if (segs[z] == 1).any()]
+    assert present == list(range(2, 18))
 
 
 # ---- folder run, errors ------------------------------------------------------------------
@@ -323,11 +335,58 @@ def test_cgroup_v1_quota(tmp_path: Path):
     assert available_cpus(tmp_path, "4:cpu,cpuacct:/docker/abc\n") == 1
 
 
-def test_available_cpus_respects_affinity():
-    import os
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_available_cpus_follows_affinity_set_by_a_child(tmp_path: Path):
+    """A process pinned to one CPU (and with no cgroup quota) must be told 1, whatever the host has."""
+    code = ("import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from lapsam.runtime.cpus import available_cpus; "
+            "print(available_cpus(sys.argv[1], '0::/\\n'), os.cpu_count())")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    n, host = (int(v) for v in r.stdout.split())
+    assert n == 1 and host >= 1
 
-    n = available_cpus()
-    assert 1 <= n <= len(os.sched_getaffinity(0))
+
+def test_blas_threads_is_scoped():
+    """numpy's BLAS is limited inside the block and restored after it (threadpoolctl's own report)."""
+    from lapsam.runtime.cpus import blas_threads
+    from threadpoolctl import threadpool_info
+
+    def blas() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas()
+    if not before:
+        pytest.skip("numpy has no BLAS thread pool here")
+    with blas_threads(1):
+        assert blas() == [1] * len(before)
+    assert blas() == before
+    with blas_threads(None):
+        assert blas() == before
+
+
+def test_runtime_source_never_imports_training_code():
+    """No module of lapsam.runtime imports torch, timm, sam2, distill or export, not even inside a function."""
+    import ast
+
+    import lapsam.runtime
+
+    bad = {"torch", "torchvision", "timm", "sam2", "lapsam.distill", "lapsam.export", "distill", "export"}
+    found = []
+    for f in sorted(Path(lapsam.runtime.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+                if node.level == 2:  # from ..distill import x
+                    names = [node.module or ""]
+            else:
+                continue
+            for n in names:
+                if n.split(".")[0] in bad or ".".join(n.split(".")[:2]) in bad:
+                    found.append(f"{f.name}:{node.lineno} {n}")
+    assert not found, found
 
 
 def test_naive_pipeline_counts_and_same_result_as_scheduled():

@@ -20,6 +20,26 @@ from lapsam.errors import ModelIntegrityError
 HEAVY = ("torch", "timm", "sam2")
 CASE_2D = "2DBox_CT_amos_0004_75"
 CASE_3D = "3DBox_MR_Breast1"
+# 15 small objects on 181 x 258 (enlarged to the input) and 125 nuclei on 512 x 512 (shrunk)
+MANY_BOX_CASES = ("2DBox_CT_s0114_111", "2DBox_Microscope_Nuclei")
+
+
+def _box_window(box, h: int, w: int, frac: float, pad: int) -> tuple[slice, slice]:
+    """The runtime's documented mask window: the box grown by ``frac`` of its size plus ``pad`` pixels."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    gx, gy = int(round((x1 - x0 + 1) * frac)) + pad, int(round((y1 - y0 + 1) * frac)) + pad
+    return slice(max(0, y0 - gy), min(h, y1 + gy + 1)), slice(max(0, x0 - gx), min(w, x1 + gx + 1))
+
+
+def _assert_same_labels(a: np.ndarray, b: np.ndarray, n: int, what: str, min_dice: float = 0.99) -> None:
+    """Per label (a small object missing in one of them must fail): same presence, Dice >= min_dice."""
+    for label in range(1, n + 1):
+        ma, mb = a == label, b == label
+        assert ma.any() == mb.any(), f"{what}: label {label} present in only one ({ma.sum()} vs {mb.sum()} px)"
+        if ma.any():
+            dice = 2 * np.logical_and(ma, mb).sum() / (ma.sum() + mb.sum())
+            assert dice >= min_dice, f"{what}: label {label} Dice {dice:.4f} ({ma.sum()} vs {mb.sum()} px)"
+    assert not ((a > n) | (b > n)).any()
 
 
 def _env() -> dict[str, str]:
@@ -64,7 +84,16 @@ def test_predict_cli_torch_free_bad_case_and_exit_code(small_model_dir: Path, ca
             assert list(z.keys()) == ["segs"]
             segs = z["segs"]
         assert segs.shape == case.spatial_shape and segs.dtype == np.uint8
-        assert segs.max() <= case.num_boxes
+        assert segs.any()
+        # every label stays inside its own box's window (2D) or z-range (3D)
+        for i, bx in enumerate(case.boxes):
+            m = segs == i + 1
+            if case.is_3d:
+                zs = np.flatnonzero(m.any(axis=(1, 2)))
+                assert zs.size == 0 or (bx[2] <= zs.min() and zs.max() <= bx[5]), (name, i, zs)
+            else:
+                r, c = _box_window(bx, *case.spatial_shape, 0.1, 8)
+                assert m.sum() == m[r, c].sum(), (name, i)
 
 
 def test_predict_cli_all_ok_exit_zero(small_model_dir: Path, case_copy, tmp_path: Path):
@@ -93,11 +122,11 @@ def test_no_model_gives_clear_error(tmp_path: Path, case_copy, monkeypatch):
 def test_backends_agree_and_3d_counts(small_model_dir: Path, imgs_dir: Path):
     ov = Predictor.from_model_dir(small_model_dir, backend="openvino", threads=1)
     ort = Predictor.from_model_dir(small_model_dir, backend="onnxruntime", threads=1)
-    for name in (CASE_2D, CASE_3D):
+    for name in (CASE_2D, CASE_3D, MANY_BOX_CASES[0]):
         case = load_case(imgs_dir / f"{name}.npz")
         a, b = ov.predict(case), ort.predict(case)
         assert a.shape == case.spatial_shape
-        assert np.mean(a == b) > 0.995
+        _assert_same_labels(a, b, case.num_boxes, name)
         if case.is_3d:
             r = ov.last_report
             zs = set()
@@ -107,37 +136,52 @@ def test_backends_agree_and_3d_counts(small_model_dir: Path, imgs_dir: Path):
             assert r.decoder_items == sum(int(bx[5] - bx[2] + 1) for bx in case.boxes)
 
 
-def test_matches_torch_reference_on_2d(small_model_dir: Path, small_checkpoint: Path, imgs_dir: Path):
-    """segs from the exported model == the torch model's logits upsampled and thresholded (inside the windows)."""
-    torch = pytest.importorskip("torch")
-    from lapsam.distill.model import load_lapsam
-
-    from lapsam.preprocess import postprocess_masks, preprocess_image, transform_boxes
-
-    case = load_case(imgs_dir / f"{CASE_2D}.npz")
-    pred = Predictor.from_model_dir(small_model_dir, backend="onnxruntime", threads=1)
-    segs = pred.predict(case)
-    model = load_lapsam(small_checkpoint).eval()
-    x, tf = preprocess_image(case.image, pred.pp)
-    with torch.no_grad():
-        feats = model.encode(torch.from_numpy(x))
-        logits, _ = model.decode(*feats, boxes=torch.from_numpy(transform_boxes(case.boxes, tf)), repeat_image=True)
-    masks = postprocess_masks(logits[:, 0].numpy(), tf)
-    # the runtime computes each box's mask on a window around the box: do the same here
-    from lapsam.runtime.predictor import _window
+def _torch_reference(model, case, pp, frac: float, pad: int) -> np.ndarray:
+    """segs of a 2D case computed with torch alone: SAM2's antialiased resize, normalise, pad, box
+    scaling, F.interpolate of the logits (to S, crop, to the original size), the documented window,
+    later boxes painted over earlier ones. No lapsam pre/post-processing code."""
+    import torch
+    import torch.nn.functional as F
 
     h, w = case.spatial_shape
-    ref = np.zeros(case.spatial_shape, np.uint8)
-    inside = np.zeros(case.spatial_shape, bool)
-    for i, (m, bx) in enumerate(zip(masks, case.boxes, strict=False)):
-        r, c = _window(bx, h, w, pred.config.window_pad_frac, pred.config.window_pad_px)
-        win = np.zeros_like(m)
-        win[r, c] = m[r, c]
-        ref[win] = i + 1
-        inside[r, c] = True
-    assert ref.any()
-    assert np.mean(segs[inside] == ref[inside]) > 0.995
-    assert not segs[~inside].any()
+    s = pp.input_size
+    if pp.resize == "stretch":
+        nh, nw = s, s
+    else:
+        scale = s / max(h, w)
+        nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
+    img = torch.from_numpy(case.image).permute(2, 0, 1)[None].double()
+    x = F.interpolate(img, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    x = (x - torch.tensor(pp.pixel_mean).view(1, 3, 1, 1)) / torch.tensor(pp.pixel_std).view(1, 3, 1, 1)
+    x = F.pad(x, (0, s - nw, 0, s - nh)).float()
+    boxes = torch.from_numpy(case.boxes.astype(np.float64) * np.array([nw / w, nh / h, nw / w, nh / h])).float()
+    with torch.no_grad():
+        feats = model.encode(x)
+        logits, _ = model.decode(*feats, boxes=boxes, repeat_image=True)
+        up = F.interpolate(logits, size=(s, s), mode="bilinear", align_corners=False)[..., :nh, :nw]
+        up = F.interpolate(up, size=(h, w), mode="bilinear", align_corners=False)[:, 0].numpy()
+    ref = np.zeros((h, w), np.int64)
+    for i, (m, bx) in enumerate(zip(up > pp.mask_threshold, case.boxes, strict=True)):
+        r, c = _box_window(bx, h, w, frac, pad)
+        ref[r, c][m[r, c]] = i + 1
+    return ref
+
+
+@pytest.mark.parametrize("name", MANY_BOX_CASES)
+def test_matches_torch_reference_on_2d(small_model_dir: Path, small_checkpoint: Path, imgs_dir: Path, name: str):
+    """segs from the exported model == an independent torch pipeline on the PyTorch model, label by label."""
+    pytest.importorskip("torch")
+    from lapsam.distill.model import load_lapsam
+
+    case = load_case(imgs_dir / f"{name}.npz")
+    pred = Predictor.from_model_dir(small_model_dir, backend="onnxruntime", threads=1)
+    segs = pred.predict(case)
+    ref = _torch_reference(load_lapsam(small_checkpoint).eval(), case, pred.pp, pred.config.window_pad_frac,
+                           pred.config.window_pad_px)
+    present = sum(1 for i in range(case.num_boxes) if (ref == i + 1).any())
+    assert present >= case.num_boxes // 2  # the comparison is not between two empty images
+    # measured: Dice 1.0 for every label; a two-tap (non-antialiased) resize gives 0.984 on a nucleus
+    _assert_same_labels(segs, ref, case.num_boxes, name, min_dice=0.995)
 
 
 def test_sha256_mismatch_refuses_to_load(small_model_dir: Path, tmp_path: Path):
