@@ -6,8 +6,8 @@ student's grid), ``filled.npy`` (uint8 (N,), 1 once row i is written) and ``meta
 the rows depend on: teacher, sizes, the list of slices). A cache whose ``meta.json`` differs
 is rebuilt. Under DDP every rank fills the rows ``i % world == rank``, then all read all.
 
-Size: (256/256 + 32/16 + 64/64) x S^2 / 16 x 2 bytes = S^2 / 2 bytes per slice:
-32 KiB at 256, 128 KiB at 512, 512 KiB at 1024 (x 1000 slices: 32 MiB / 128 MiB / 512 MiB).
+Size per slice: 256 x (S/16)^2 + 32 x (S/4)^2 + 64 x (S/8)^2 = (1 + 2 + 1) x S^2 = 4 S^2 fp16 values,
+i.e. 8 S^2 bytes: 512 KiB at 256, 2 MiB at 512, 8 MiB at 1024 (x 1000 slices: 0.5 GiB / 2 GiB / 8 GiB).
 """
 
 from __future__ import annotations
