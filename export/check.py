@@ -210,11 +210,12 @@ def run_check(
     ``bf16=None`` adds bf16 rows when the CPU supports bf16. Unreadable cases are skipped with
     an error logged; at least one case must be usable.
     """
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir)  # a folder that is not a model fails before torch loads
+
     import torch
     from lapsam.distill.model import load_lapsam
 
-    model_dir = Path(model_dir)
-    manifest = read_manifest(model_dir)
     ckpt = find_checkpoint(model_dir, checkpoint, manifest)
     torch.set_num_threads(threads)
     model = load_lapsam(ckpt)

@@ -414,3 +414,52 @@ def test_bench_case_builder_matches_spec(imgs_dir: Path, gts_dir: Path):
     assert (a["boxes"][:, 3:] < [50, 60, 20]).all()
     b = build_case(CaseSpec("2DBox_Microscope_x", (300, 400), 241, "2DBox_Microscope_Nuclei"), imgs_dir, gts_dir)
     assert b["imgs"].shape == (300, 400, 3) and b["boxes"].shape == (241, 4)
+
+
+# ---- command line: one error line, no traceback; log levels -----------------------------------
+def _lapsam(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("LAPSAM_MODEL_DIR", "LAPSAM_OV_CACHE_DIR")}
+    return subprocess.run([sys.executable, "-m", "lapsam.cli", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd, env=env)
+
+
+def test_cli_bad_model_folder_and_bad_counts_are_one_line_errors(tmp_path: Path):
+    inp, not_a_model = tmp_path / "in", tmp_path / "not_a_model"
+    inp.mkdir()
+    not_a_model.mkdir()
+    img = np.zeros((16, 16, 3), np.uint8)
+    np.savez(inp / "2DBox_US_a.npz", imgs=img, boxes=np.array([[2, 2, 9, 9]]))
+    for argv in (["predict", "-i", str(inp), "-o", str(tmp_path / "o1"), "--model", str(not_a_model)],
+                 ["export", "check", str(not_a_model), "--cases", str(inp)]):
+        r = _lapsam(*argv, cwd=tmp_path)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2, r.stderr
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "manifest.json" in lines[0], r.stderr
+    assert not (tmp_path / "o1").exists()
+    r = _lapsam("predict", "-i", str(inp), "-o", str(tmp_path / "o2"), "--model", str(not_a_model),
+                "--decoder-batch", "0", cwd=tmp_path)
+    assert r.returncode == 2 and "--decoder-batch: must be >= 1" in r.stderr and "Traceback" not in r.stderr
+    r = _lapsam("predict", "-i", str(inp), "-o", str(tmp_path / "o2"), "--backend", "tensorrt", cwd=tmp_path)
+    assert r.returncode == 2 and "use openvino or onnxruntime" in r.stderr
+
+
+def test_log_levels_and_line_format():
+    code = (
+        "import logging, sys; from lapsam.cli import setup_logging; "
+        "setup_logging(int(sys.argv[1]), sys.argv[2] == 'q'); "
+        "[logging.getLogger(n).log(lv, '%s %s', n, logging.getLevelName(lv)) "
+        " for n in ('lapsam.x', 'other') for lv in (10, 20, 30, 40)]"
+    )
+
+    def lines(v: str, q: str) -> list[str]:
+        r = subprocess.run([sys.executable, "-c", code, v, q], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stderr.splitlines()
+
+    assert lines("0", "-") == ["lapsam.x INFO", "warning: lapsam.x WARNING", "error: lapsam.x ERROR",
+                               "other INFO", "warning: other WARNING", "error: other ERROR"]
+    assert lines("1", "-")[0] == "debug: lapsam.x: lapsam.x DEBUG"  # -v: lapsam's debug ...
+    assert not any("other DEBUG" in ln for ln in lines("1", "-"))  # ... not every library's
+    assert "debug: other: other DEBUG" in lines("2", "-")
+    assert lines("1", "q") == ["warning: lapsam.x WARNING", "error: lapsam.x ERROR", "warning: other WARNING",
+                               "error: other ERROR"]
