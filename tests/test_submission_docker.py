@@ -167,3 +167,71 @@ def test_verify_rejects_a_truncated_image_tar(client, tmp_path: Path, caplog) ->
     rc = lapsam_main(["submission", "verify", "--tar", str(bad), "--cases", str(tmp_path)])
     assert rc == 1
     assert "docker load failed" in caplog.text
+
+
+def test_stopped_and_killed_mid_case_then_rerun_is_complete(client, image_tag: str, tmp_path: Path,
+                                                            imgs_dir: Path) -> None:
+    """`docker stop` (SIGTERM) and `docker kill` (SIGKILL) mid-case, then a rerun on the same folders:
+    the rerun's outputs are complete and no temporary file is left (issue 11)."""
+    import time
+
+    import numpy as np
+
+    from lapsam.case import load_case
+    from lapsam.safe_npz import load_npz
+
+    inputs, outputs = tmp_path / "inputs", tmp_path / "outputs"
+    inputs.mkdir()
+    outputs.mkdir()
+    outputs.chmod(0o777)
+    # the 2D case first (sorted), then 3D copies: a stop after the first output lands mid-case
+    names = [f"{CASE_2D}.npz"] + [f"{CASE_3D}_{k}.npz" for k in "abcd"]
+    shutil.copy(imgs_dir / f"{CASE_2D}.npz", inputs / names[0])
+    for n in names[1:]:
+        shutil.copy(imgs_dir / f"{CASE_3D}.npz", inputs / n)
+    volumes = {str(inputs): {"bind": "/workspace/inputs", "mode": "rw"},
+               str(outputs): {"bind": "/workspace/outputs", "mode": "rw"}}
+
+    def temp_files() -> list[str]:
+        return sorted(p.name for p in outputs.iterdir() if p.name.endswith(".tmp"))
+
+    def run_until_first_output(stop) -> tuple[int, str, list[str]]:
+        """Start the official command, wait until the 2D output is (re)written, then ``stop(container)``."""
+        first = outputs / names[0]
+        before = first.stat().st_mtime_ns if first.exists() else None
+        c = client.containers.run(image_tag, ["/bin/bash", "-c", "sh predict.sh"], network_mode="none",
+                                  detach=True, mem_limit="8g", volumes=volumes)
+        try:
+            deadline = time.monotonic() + 300
+            while not (first.exists() and first.stat().st_mtime_ns != before):
+                c.reload()
+                assert c.status in ("created", "running"), c.logs().decode()
+                assert time.monotonic() < deadline, c.logs().decode()
+                time.sleep(0.02)
+            stop(c)
+            code = int(c.wait(timeout=120)["StatusCode"])
+            return code, c.logs().decode(), sorted(p.name for p in outputs.iterdir() if p.suffix == ".npz")
+        finally:
+            c.remove(force=True)
+
+    # docker stop: SIGTERM reaches `lapsam predict` (predict.sh execs it), which stops within the case
+    code, logs, done = run_until_first_output(lambda c: c.stop(timeout=60))
+    assert code == 143, logs  # not 137: it did not take docker's SIGKILL after the grace period
+    assert "stopped by SIGTERM" in logs and temp_files() == [], logs
+    assert names[0] in done and len(done) < len(names), logs  # stopped mid-run, finished cases kept
+
+    # docker kill (SIGKILL) mid-case, with a temporary file an earlier SIGKILL left mid-write
+    (outputs / f".{names[-1]}.k1ll3d00.tmp").write_bytes(b"half an npz")
+    code, logs, done = run_until_first_output(lambda c: c.kill())
+    assert code == 137, logs
+    assert len(done) < len(names), logs
+
+    # the rerun on the same folders: every output complete, no temporary file left
+    rc, logs = _run(client, image_tag, "sh predict.sh", mem_limit="8g", volumes=volumes)
+    assert rc == 0, logs
+    assert temp_files() == [], logs
+    assert sorted(p.name for p in outputs.iterdir()) == sorted(names)
+    for n in names:
+        case = load_case(inputs / n)
+        segs = load_npz(outputs / n)["segs"]
+        assert segs.shape == case.spatial_shape and segs.dtype == np.uint8, n
