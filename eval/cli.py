@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="DSC and NSD per case and label, means per modality",
         description="Score every reference in GTS_DIR (key 'gts') against the prediction of the same name in "
         "SEGS_DIR (key 'segs'). Writes OUT (case,dsc,nsd as the organisers' CSV), OUT_labels.csv (per label) "
-        "and OUT.md; prints the tables. Missing or malformed predictions are failures scored 0.",
+        "and OUT.md; prints the tables. Missing or malformed predictions are failures scored 0. OUT is checked "
+        "before scoring. Exit codes: 0 every case scored, 1 a prediction or reference failed (still scored "
+        "and written), 2 bad folders, options or OUT.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="modes:\n"
         "  challenge  the organisers' compute_metrics.py: labels 1..max(gt), NSD only when case DSC > 0.2,\n"
@@ -73,10 +75,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from .metrics import MetricsConfig, evaluate_folder, print_tables, write_outputs
+    from .metrics import OK, MetricsConfig, check_outputs, evaluate_folder, print_tables, write_outputs
 
     try:
         cfg = MetricsConfig(mode=args.mode, tolerance=args.tolerance)
+        check_outputs(args.output)  # before scoring: a UsageError (exit 2) if -o cannot be written
         result = evaluate_folder(args.segs_dir, args.gts_dir, cfg, workers=max(1, args.workers),
                                  progress=not getattr(args, "quiet", False))
     except (ValueError, FileNotFoundError) as exc:
@@ -85,7 +88,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     paths = write_outputs(result, args.output, args.segs_dir, args.gts_dir)
     print(print_tables(result))
     print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+    return 1 if any(c.status != OK for c in result.cases) else 0
 
 
 def cmd_timing(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import LapsamError
+from .errors import LapsamError, Terminated
 
 # (module with register(), what it adds) in the order --help lists them.
 _PART_CLIS: tuple[str, ...] = (
@@ -112,9 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(func(args) or 0)
     except LapsamError as exc:
         logging.getLogger("lapsam").error("%s", exc)
-        return 1
+        return exc.exit_code  # 1, or 2 for a UsageError (README: "Exit codes")
     except KeyboardInterrupt:
+        logging.getLogger("lapsam").error("interrupted (SIGINT)")
         return 130
+    except Terminated:
+        logging.getLogger("lapsam").error("terminated (SIGTERM)")
+        return Terminated.exit_code
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ins = dsub.add_parser(
         "inspect",
         help="print format, modality, shape, dtype, spacing and boxes of each case",
-        description="Print what each case contains and any validation problem (one line per case).",
+        description="Print what each case contains and any validation problem (one line per case). "
+        "Exit codes: 0 every case valid, 1 a case has an error (the others are still checked), "
+        "2 a path does not exist or holds no .npz.",
     )
     ins.add_argument("paths", type=Path, nargs="+", help=".npz case files or folders of them")
     ins.add_argument("--json", action="store_true", help="one JSON object per case instead of text")
@@ -57,9 +59,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for f in files:
         try:
             s = load_case(f).summary()
-        except CaseError as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure on one case is that case's error
             failed += 1
-            print(json.dumps({"name": f.name, "error": exc.problem}) if args.json else f"{f.name}: ERROR {exc.problem}")
+            problem = exc.problem if isinstance(exc, CaseError) else f"{type(exc).__name__}: {exc}"
+            print(json.dumps({"name": f.name, "error": problem}) if args.json else f"{f.name}: ERROR {problem}")
             continue
         print(json.dumps(s) if args.json else _line(s))
     if len(files) > 1:

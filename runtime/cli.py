@@ -54,7 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="segment every .npz case of a folder with an exported model (torch-free)",
         description="Run an exported lapsam model on every challenge .npz in INPUT_DIR and write "
         "OUTPUT_DIR/<same name>.npz with key 'segs' (written atomically). 3D cases encode each slice "
-        "at most once and propagate every box from its middle slice. Exit code 1 if any case failed.",
+        "at most once and propagate every box from its middle slice. The output folder is checked (created, "
+        "writable) before the model loads. Exit codes: 0 every case written, 1 a case failed or the model "
+        "could not load, 2 bad input/output folder, 130/143 stopped by SIGINT/SIGTERM (finished cases kept).",
     )
     p.add_argument("-i", "--input", required=True, type=Path, help="folder of .npz cases (or one .npz file)")
     p.add_argument("-o", "--output", required=True, type=Path, help="folder for the segs .npz files")
@@ -88,11 +90,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     summary = predict_folder(args.input, args.output, model, opts)
-    print(f"{summary.total} case(s): {summary.ok} ok, {summary.failed} failed; total {summary.seconds:.2f} s "
-          f"(model load {summary.load_seconds:.2f} s)")
-    for name, why in summary.failures.items():
-        print(f"FAILED {name}: {why}")
-    return 0 if summary.failed == 0 and summary.total > 0 else 1
+    print("\n".join(summary.lines()))
+    return summary.exit_code
 
 
 def register_bench(bench_sub: argparse._SubParsersAction) -> None:
