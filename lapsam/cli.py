@@ -25,6 +25,8 @@ _PART_CLIS: tuple[str, ...] = (
     "lapsam.distill.cli",
     "lapsam.export.cli",
     "lapsam.runtime.cli",
+    "lapsam.runtime.segment",
+    "lapsam.runtime.app.cli",
     "lapsam.submission.cli",
     "lapsam.eval.cli",
 )
