@@ -61,6 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--keep-work", action="store_true", help="keep the inputs/outputs work folders afterwards")
     t.set_defaults(func=cmd_timing)
 
+    add_interactive_parser(esub)
+
     r = esub.add_parser(
         "report",
         help="markdown report with plots, joining metrics and running time",
@@ -106,6 +108,88 @@ def cmd_timing(args: argparse.Namespace) -> int:
     print(timing_table(result))
     print("wrote " + ", ".join([str(r.csv_path) for r in result.runners] + [str(md)]))
     return 1 if result.failed else 0
+
+
+def add_interactive_parser(esub: argparse._SubParsersAction) -> None:
+    i = esub.add_parser(
+        "interactive",
+        help="the CVPR 2025 interactive protocol: a box step, then 5 correction-click steps per case",
+        description="For every 3D case of CASES (2025 format: box dicts, see `lapsam data to2025`): run the model "
+        "with the boxes, then 5 times add one simulated click per class (the organisers' rule: centre of the "
+        "largest 26-connected error component; fg for a miss, bg for a false positive) and rerun it with the "
+        "accumulated clicks and prev_pred. Scores DSC/NSD per step, DSC_AUC/NSD_AUC over the click steps, the "
+        "final DSC/NSD, time per step and the 90 s x classes limit. Writes OUT/interactive.csv, "
+        "OUT/interactive.md, OUT/dsc_per_step.png, OUT/clicks.json and OUT/segs/<case>.npz (segs, all_segs). "
+        "Exit code 1 if any case or step failed.",
+    )
+    i.add_argument("--cases", type=Path, required=True, help="folder of 2025-format cases (.npz) or one case")
+    who = i.add_mutually_exclusive_group(required=True)
+    who.add_argument("--model", type=Path, help="exported model folder: run the runtime in this process")
+    who.add_argument("--image", help="docker image tag or saved .tar/.tar.gz: one `docker container run` per step")
+    i.add_argument("-g", "--gts", type=Path, default=None,
+                   help="folder of references (key 'gts', same names); default: the 'gts' key of each case")
+    i.add_argument("-o", "--output", type=Path, default=Path("interactive"), help="output folder (default: ./interactive)")
+    i.add_argument("--clicks", type=int, default=5, help="correction steps after the box step (default: 5)")
+    i.add_argument("--seed", type=int, default=42, help="tie-break seed of the click simulation (default: 42)")
+    i.add_argument("--seconds-per-class", type=float, default=90.0, help="time limit per class per case (default: 90)")
+    i.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm (default: 2.0)")
+    g = i.add_argument_group("with --model (runtime settings)")
+    g.add_argument("--backend", choices=("openvino", "onnxruntime"), default="openvino",
+                   help="inference engine (default: openvino)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
+    g.add_argument("--settle-dsc", type=float, default=None,
+                   help="stop propagating a click's change at a slice whose new mask has this DSC with the old "
+                        "(default: the predictor's 0.95)")
+    g.add_argument("--prev-mask-input", action="store_true",
+                   help="also give the decoder the previous mask as mask_input (the model is not trained for it)")
+    d = i.add_argument_group("with --image (docker)")
+    d.add_argument("--memory", default="32G", help="container memory limit (default: 32G as the 2025 organisers; "
+                   "the laptop challenge used 8G)")
+    d.add_argument("--timeout", type=float, default=None, help="kill a step's container after this many seconds")
+    d.add_argument("--network", default=None, help="add --network NAME to the run (e.g. none)")
+    d.add_argument("--keep-work", action="store_true", help="keep the docker inputs/outputs work folders")
+    i.set_defaults(func=cmd_interactive)
+
+
+def cmd_interactive(args: argparse.Namespace) -> int:
+    from lapsam.errors import LapsamError
+
+    from .interactive import (
+        DockerRunner,
+        InteractiveConfig,
+        evaluate_interactive,
+        make_model_runner,
+        print_table,
+        write_outputs,
+    )
+    from .timing import DockerError
+
+    try:
+        cfg = InteractiveConfig(clicks=args.clicks, seed=args.seed, seconds_per_class=args.seconds_per_class,
+                                tolerance=args.tolerance)
+        if not args.cases.exists():
+            raise FileNotFoundError(f"--cases {args.cases} does not exist")
+        if args.model is not None:
+            from lapsam.runtime.predictor import PredictorConfig
+
+            extra = {} if args.settle_dsc is None else {"settle_dsc": args.settle_dsc}
+            pcfg = PredictorConfig(prev_mask_input=args.prev_mask_input, **extra)
+            runner = make_model_runner(args.model, args.output, backend=args.backend, threads=args.threads,
+                                       predictor_config=pcfg)
+        else:
+            runner = DockerRunner(args.image, args.output / "docker", memory=args.memory, timeout=args.timeout,
+                                  network=args.network, keep_work=args.keep_work)
+        run = evaluate_interactive(args.cases, runner, args.output, args.gts, cfg,
+                                   progress=not getattr(args, "quiet", False))
+    except (DockerError, FileNotFoundError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    except LapsamError:
+        raise
+    paths = write_outputs(run, args.output)
+    print(print_table(run))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 1 if any(r.error for r in run.results) else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ins.add_argument("paths", type=Path, nargs="+", help=".npz case files or folders of them")
     ins.add_argument("--json", action="store_true", help="one JSON object per case instead of text")
     ins.set_defaults(func=cmd_inspect)
+    _register_to2025(dsub)
 
 
 def _line(s: dict) -> str:
@@ -68,3 +69,48 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if len(files) > 1:
         print(f"{len(files)} case(s), {len(files) - failed} ok, {failed} with errors")
     return 1 if failed else 0
+
+
+def _register_to2025(dsub: argparse._SubParsersAction) -> None:
+    t = dsub.add_parser(
+        "to2025",
+        help="build CVPR 2025 interactive-format cases (box dicts) from 2024-format 3D cases and their references",
+        description="For every 3D case of INPUT (a .npz or a folder): the per-class box dicts of the 2025 format "
+        "(z range, median-voxel middle slice, that slice's 2D box, as the organisers' get_boxes.py) from the "
+        "reference. Writes OUT/imgs/<name>.npz (imgs, spacing, boxes) and OUT/gts/<name>.npz (gts relabelled "
+        "1..K in box order, spacing). 2D cases are skipped. Exit code 1 if any case failed (the others are written).",
+    )
+    t.add_argument("input", type=Path, help="a 2024-format 3D case (.npz) or a folder of them")
+    t.add_argument("output", type=Path, help="output folder (imgs/ and gts/ are created in it)")
+    t.add_argument("-g", "--gts", type=Path, default=None,
+                   help="folder of references (key 'gts', same names); default: the 'gts' key of each case")
+    t.add_argument("--box-shift", type=int, default=5,
+                   help="each box side moves out by a random 0..N pixels at 256 px scale, as the organisers "
+                        "(default 5; 0: tight boxes)")
+    t.add_argument("--seed", type=int, default=2025, help="seed of the box shifts (default 2025)")
+    t.set_defaults(func=cmd_to2025)
+
+
+def cmd_to2025(args: argparse.Namespace) -> int:
+    from .format2025 import convert_to_2025
+
+    if not args.input.exists():
+        print(f"error: {args.input} does not exist")
+        return 2
+    if args.gts is not None and not args.gts.is_dir():
+        print(f"error: reference folder {args.gts} does not exist")
+        return 2
+    if args.box_shift < 0:
+        print("error: --box-shift must be >= 0")
+        return 2
+    s = convert_to_2025(args.input, args.output, args.gts, max_shift=args.box_shift, seed=args.seed,
+                        progress=not getattr(args, "quiet", False))
+    for name in s.written:
+        print(f"{name}: written")
+    for name, why in s.skipped.items():
+        print(f"{name}: skipped ({why})")
+    for name, why in s.failed.items():
+        print(f"{name}: ERROR {why}")
+    print(f"{len(s.written)} written to {args.output}/imgs and {args.output}/gts, {len(s.skipped)} skipped, "
+          f"{len(s.failed)} failed")
+    return 1 if s.failed else 0

@@ -30,24 +30,75 @@ object's end, and stopping would turn one missed slice into a lost half-object.
 
 Overlaps: box i is label i+1 and later boxes win (the largest label covering a pixel),
 as the challenge specifies; this holds whatever order the sweeps paste in.
+
+Masks are computed on a window around a box (grown by ``window_pad_frac`` + ``window_pad_px``).
+For 2024 cases (tight 3D boxes) that is the given box on every slice, and a vanished mask
+falls back to the given box. For 2025 cases the given box is only the middle slice's
+extent, so the window follows the propagated prompt of each slice, and a vanished mask
+falls back to the last prompt of that sweep (``follow_prompt``).
+
+2025 cases (:meth:`Predictor.predict_prompts`, prompts from
+:mod:`lapsam.runtime.interactive`), the refinement rule:
+
+1. the starting segmentation is ``prev_pred`` when given, else empty; every class with a
+   box that it lacks entirely is segmented by the sweeps above (the box's z range, from
+   ``z_mid``, ``follow_prompt``);
+2. a click is *pending* when the starting segmentation contradicts it (a fg click outside
+   its label, a bg click inside it); the clicks that ``prev_pred`` already satisfies cause no
+   work. Each slice with a pending click of a class is re-segmented for that class with a
+   box (the given box on ``z_mid``, else the bbox of the class's current mask on that slice,
+   else of its masks on the two neighbour slices, each grown by ``margin_px``; no box at all
+   when there is nothing: clicks only) and every click of that class on the slice as points.
+   A fg click outside that box widens it to reach as far beyond the click as the click lies
+   beyond the box (+ ``margin_px``): the organisers click the centre of the missed region;
+3. the change then propagates slice by slice both ways: the next slice is re-segmented
+   with the bbox of the new mask + ``margin_px`` (and that slice's own clicks); it stops
+   on the first slice whose new mask has DSC >= ``settle_dsc`` with the mask it replaces
+   (the change has died out; two empty masks count as equal), at the class's z range, or
+   at the volume's end. When the new mask is empty the next prompt is the last one (a
+   class with a box, ``on_empty="box"``) or nothing (clicks only: the object has ended, so
+   the following slices lose the label until the old mask is empty too).
+
+Slices no pending click reaches keep ``prev_pred`` exactly.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lapsam.case import Case
+from lapsam.case import FORMAT_2025, Case
+from lapsam.errors import CaseError
 from lapsam.manifest import ModelManifest, Preprocessing
-from lapsam.preprocess import Transform, get_transform, preprocess_image, transform_boxes, upsample_logits
+from lapsam.preprocess import (
+    Transform,
+    get_transform,
+    preprocess_image,
+    transform_boxes,
+    transform_coords,
+    upsample_logits,
+)
 
 from .cache import EmbeddingCache
 from .cpus import available_cpus, limit_blas_threads
 from .engines import CallStats, CountingEngine, Engine, EngineOptions, Feats, load_engine
+from .interactive import (
+    ClassPrompt,
+    drop_outside_clicks,
+    grow_box,
+    include_points,
+    mask_bbox,
+    mask_dsc,
+    mask_to_logits,
+    pending_clicks,
+    prompts_from_case,
+    write_label,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +117,21 @@ class PredictorConfig:
     cache_fp16: bool = True  # store cached slice embeddings as float16
     cache_limit_mb: float = 1024.0  # hard bound on the embedding cache
     blas_threads: int | None = 1  # numpy's BLAS threads (small products: 1 is fastest); None: leave as is
+    # 2025 refinement: a click's change stops propagating on the first slice whose new mask has
+    # at least this DSC with the mask it replaces.
+    settle_dsc: float = 0.95
+    # 2025 refinement: also give the decoder the slice's previous mask as mask_input (the model
+    # is not trained with mask inputs, so this is off by default; see runtime/README.md).
+    prev_mask_input: bool = False
+    mask_input_logit: float = 10.0  # |logit| of that mask_input inside / outside the previous mask
 
     def __post_init__(self) -> None:
         if self.on_empty not in ON_EMPTY:
             raise ValueError(f"on_empty must be one of {ON_EMPTY}, got {self.on_empty!r}")
         if self.decoder_batch < 1:
             raise ValueError("decoder_batch must be >= 1")
+        if not 0.0 <= self.settle_dsc <= 1.0:
+            raise ValueError(f"settle_dsc must lie in [0, 1], got {self.settle_dsc}")
 
 
 @dataclass
@@ -92,6 +152,11 @@ class CaseReport:
     reencoded: int = 0  # 3D: slices encoded twice because the cache limit was hit
     cache_peak_slices: int = 0
     cache_peak_mb: float = 0.0
+    # 2025 cases
+    swept_classes: list[int] = field(default_factory=list)  # labels segmented from their box
+    pending_clicks: int = 0  # clicks the starting segmentation contradicted
+    refined_slices: int = 0  # (class, slice) pairs re-segmented because of clicks
+    ignored_clicks: list[str] = field(default_factory=list)
 
 
 def _window(box_xy: np.ndarray, h: int, w: int, frac: float, pad: int) -> tuple[slice, slice]:
@@ -180,6 +245,23 @@ class Predictor:
             out.append(masks.reshape(b.shape[0], masks.shape[-2], masks.shape[-1]))
         return np.concatenate(out, axis=0) if out else np.zeros((0, 1, 1), np.float32)
 
+    def _decode_one(self, feats: Feats, tf: Transform, box_xy: np.ndarray | None, pts_xy: np.ndarray,
+                    pt_labels: np.ndarray, mask_logits: np.ndarray | None = None) -> np.ndarray:
+        """One prompt in original pixels (box or None: clicks only; points (P, 2) xy) -> logits (L, L)."""
+        low = self.pp.low_res_size
+        box = np.full((1, 4), -1.0, np.float32) if box_xy is None else transform_boxes(box_xy[None], tf)
+        pc = transform_coords(pts_xy, tf).reshape(1, -1, 2)
+        pl = np.asarray(pt_labels, np.float32).reshape(1, -1)
+        if mask_logits is None:
+            mi = np.zeros((1, 1, low, low), np.float32)
+            hm = np.zeros((1,), np.float32)
+        else:
+            mi = np.ascontiguousarray(mask_logits, np.float32).reshape(1, 1, low, low)
+            hm = np.ones((1,), np.float32)
+        masks, _ = self.engine.decode(feats, np.ascontiguousarray(box), np.ascontiguousarray(pc),
+                                      np.ascontiguousarray(pl), mi, hm)
+        return masks.reshape(masks.shape[-2], masks.shape[-1])
+
     def _paste(self, seg2d: np.ndarray, logits: np.ndarray, tf: Transform, box_xy: np.ndarray, label: int) -> tuple[int, int, int, int] | None:
         """Threshold one box's logits on its window, write ``label`` where it wins; return the mask bbox."""
         h, w = seg2d.shape
@@ -193,33 +275,110 @@ class Predictor:
         xs = np.flatnonzero(m.any(axis=0))
         return (cols.start + int(xs[0]), rows.start + int(ys[0]), cols.start + int(xs[-1]), rows.start + int(ys[-1]))
 
-    def _grow(self, bbox: tuple[int, int, int, int], h: int, w: int) -> np.ndarray:
-        m = self.config.margin_px
-        x0, y0, x1, y1 = bbox
-        return np.array([max(0, x0 - m), max(0, y0 - m), min(w - 1, x1 + m), min(h - 1, y1 + m)], np.float32)
+    def _mask(self, logits: np.ndarray, tf: Transform, window_box: np.ndarray | None, h: int, w: int) -> np.ndarray:
+        """Full-slice boolean mask of one prompt's logits, computed on the window of ``window_box`` (None: all)."""
+        out = np.zeros((h, w), bool)
+        if window_box is None:
+            rows, cols = slice(0, h), slice(0, w)
+        else:
+            rows, cols = _window(window_box, h, w, self.config.window_pad_frac, self.config.window_pad_px)
+        out[rows, cols] = upsample_logits(logits[None], tf, rows, cols)[0] > self.pp.mask_threshold
+        return out
 
-    # ---- entry point ------------------------------------------------------------------
+    def _grow(self, bbox: tuple[int, int, int, int], h: int, w: int) -> np.ndarray:
+        return grow_box(bbox, self.config.margin_px, h, w)
+
+    # ---- entry points -----------------------------------------------------------------
     def predict(self, case: Case) -> np.ndarray:
-        """``segs`` for ``case`` (labels 0..N, ``case.segs_dtype``); details in ``self.last_report``."""
+        """``segs`` for ``case`` (labels 0..N, ``case.segs_dtype``); details in ``self.last_report``.
+
+        2024 cases use their boxes; 2025 cases (``case.format == "2025"``) their per-class box
+        dicts, clicks and ``prev_pred`` (:meth:`predict_prompts`).
+        """
+        if case.format == FORMAT_2025 and case.is_3d:
+            prev = case.prev_pred
+            if prev is not None and prev.shape != case.spatial_shape:
+                raise CaseError(case.path, f"prev_pred has shape {prev.shape}; expected {case.spatial_shape}")
+            segs = self.predict_prompts(case.image, prompts_from_case(case), prev, name=case.name,
+                                        dtype=case.segs_dtype)
+            self.last_report.skipped_boxes = dict(case.box_errors)
+            for i, msg in case.box_errors.items():
+                log.warning("%s: box %d skipped: %s", case.name, i + 1, msg)
+            return segs
         t = time.perf_counter()
         self.stats.reset()
         report = CaseReport(name=case.name, skipped_boxes=dict(case.box_errors))
         for i, msg in case.box_errors.items():
             log.warning("%s: box %d skipped: %s", case.name, i + 1, msg)
         if case.clicks is not None:
-            log.warning("%s: clicks are not used by this predictor (boxes only)", case.name)
+            log.warning("%s: clicks are only used on 3D cases", case.name)
         segs = case.empty_segs()
         if case.valid_box_indices:
             if case.is_3d:
                 self._predict_3d(case, segs, report)
             else:
                 self._predict_2d(case, segs)
+        self._finish(report, t)
+        return segs
+
+    def predict_prompts(
+        self,
+        volume: np.ndarray,
+        prompts: Sequence[ClassPrompt],
+        prev_pred: np.ndarray | None = None,
+        name: str = "volume",
+        dtype: np.dtype | None = None,
+    ) -> np.ndarray:
+        """Segment a (D, H, W) uint8 volume from per-class prompts (the 2025 rule, module docstring).
+
+        ``prompts`` are :class:`~lapsam.runtime.interactive.ClassPrompt` (label, optional
+        :class:`~lapsam.runtime.interactive.SliceBox`, fg/bg clicks as (z, y, x)); ``prev_pred``
+        (D, H, W) labels is the starting segmentation. A 2D RGB image can be given as
+        ``image[None]`` (1, H, W, 3) with clicks on z = 0. Returns labels 0..max(label).
+        """
+        t = time.perf_counter()
+        self.stats.reset()
+        report = CaseReport(name=name)
+        vol = np.asarray(volume)
+        if vol.ndim not in (3, 4) or vol.dtype != np.uint8:
+            raise ValueError(f"volume must be uint8 (D, H, W) or (1, H, W, 3); got {vol.dtype} {vol.shape}")
+        shape = vol.shape[:3]
+        n = max((p.label for p in prompts), default=0)
+        dt = np.dtype(dtype) if dtype is not None else (np.dtype(np.uint8) if n <= 255 else np.dtype(np.uint16))
+        if prev_pred is not None:
+            prev = np.asarray(prev_pred)
+            if prev.shape != shape:
+                raise ValueError(f"prev_pred has shape {prev.shape}; expected {shape}")
+            segs = prev.astype(dt)
+        else:
+            segs = np.zeros(shape, dt)
+        prompts = [ClassPrompt(p.label, p.box, list(p.fg), list(p.bg)) for p in prompts]  # the caller's stay as given
+        report.ignored_clicks = drop_outside_clicks(prompts, shape)
+        for msg in report.ignored_clicks:
+            log.warning("%s: %s", name, msg)
+        present = np.bincount(segs.ravel(), minlength=n + 1) > 0 if prev_pred is not None else None
+        sweep = [p for p in prompts if p.box is not None and (present is None or not present[p.label])]
+        if sweep:
+            report.swept_classes = [p.label for p in sweep]
+            boxes = np.array([[p.box.x_min, p.box.y_min, p.box.z_min, p.box.x_max, p.box.y_max, p.box.z_max]
+                              for p in sweep], np.int64)
+            mid = np.array([p.box.z_mid for p in sweep], np.int64)
+            self._sweep(vol, boxes, mid, [p.label for p in sweep], segs, report, follow_prompt=True)
+        todo = [(p, pend) for p in prompts if (pend := pending_clicks(p, segs))]
+        if todo:
+            cache = EmbeddingCache(int(self.config.cache_limit_mb * 2**20), fp16=self.config.cache_fp16)
+            for p, pend in todo:
+                report.pending_clicks += len(pend)
+                self._refine_class(vol, p, sorted({q[0] for q in pend}), segs, cache, report)
+        self._finish(report, t)
+        return segs
+
+    def _finish(self, report: CaseReport, t: float) -> None:
         s = self.stats
         report.seconds = time.perf_counter() - t
         report.encoder_calls, report.decoder_calls, report.decoder_items = s.encoder_calls, s.decoder_calls, s.decoder_items
         report.encoder_s, report.decoder_s = s.encoder_s, s.decoder_s
         self.last_report = report
-        return segs
 
     # ---- 2D ---------------------------------------------------------------------------
     def _predict_2d(self, case: Case, segs: np.ndarray) -> None:
@@ -240,11 +399,20 @@ class Predictor:
         return (b[:, 2] + b[:, 5]) // 2
 
     def _predict_3d(self, case: Case, segs: np.ndarray, report: CaseReport) -> None:
-        cfg = self.config
-        d, h, w = case.image.shape
-        boxes = case.boxes
         valid = case.valid_box_indices
-        mid = self.mid_slices(case)
+        self._sweep(case.image, case.boxes[valid], self.mid_slices(case)[valid], [i + 1 for i in valid], segs, report,
+                    follow_prompt=False)
+
+    def _sweep(self, image: np.ndarray, boxes: np.ndarray, mid: np.ndarray, labels: list[int], segs: np.ndarray,
+               report: CaseReport, follow_prompt: bool) -> None:
+        """The two sweeps of the module docstring for boxes (N, 6) with start slices ``mid`` and ``labels``.
+
+        ``follow_prompt``: the window and the vanished-mask fallback follow each slice's
+        prompt (2025 boxes) instead of the given box (2024 tight 3D boxes).
+        """
+        cfg = self.config
+        d, h, w = image.shape[:3]
+        valid = list(range(boxes.shape[0]))
         z0, z1 = boxes[:, 2], boxes[:, 5]
         up_slices = sorted({z for b in valid for z in range(int(mid[b]), int(z1[b]) + 1)})
         down_slices = sorted({z for b in valid for z in range(int(z0[b]), int(mid[b]))}, reverse=True)
@@ -252,49 +420,53 @@ class Predictor:
         report.slices_needed = len(set(up_slices) | down_set)
         cache = EmbeddingCache(int(cfg.cache_limit_mb * 2**20), fp16=cfg.cache_fp16)
         tf = get_transform((h, w), self.pp)
-        given = {b: boxes[b, [0, 1, 3, 4]] for b in valid}
+        given = {b: boxes[b, [0, 1, 3, 4]].astype(np.float32) for b in valid}
         up_prev: dict[int, tuple[int, int, int, int] | None] = {}
         down_prev: dict[int, tuple[int, int, int, int] | None] = {}
+        # the fallback prompt of a vanished mask: the given box, or (follow_prompt) the last prompt
+        up_last = dict(given)
+        down_last = dict(given)
         stopped_up: set[int] = set()
         stopped_down: set[int] = set()
         encoded: set[int] = set()
 
-        def prompts_for(z: int, active: list[int], prev: dict, stopped: set[int], start: dict[int, bool]) -> list[tuple[int, np.ndarray]]:
+        def prompts_for(active: list[int], prev: dict, last: dict, stopped: set[int], start: dict[int, bool]) -> list[tuple[int, np.ndarray]]:
             out = []
             for b in active:
                 if start[b]:
-                    out.append((b, given[b].astype(np.float32)))
+                    out.append((b, given[b]))
                     continue
                 bb = prev.get(b)
                 if bb is not None:
                     out.append((b, self._grow(bb, h, w)))
                 elif cfg.on_empty == "box":
                     report.empty_fallbacks += 1
-                    out.append((b, given[b].astype(np.float32)))
+                    out.append((b, last[b]))
                 else:
                     report.stopped += 1
                     stopped.add(b)
             return out
 
-        def run_slice(z: int, feats: Feats, todo: list[tuple[int, np.ndarray]], prev: dict) -> None:
+        def run_slice(z: int, feats: Feats, todo: list[tuple[int, np.ndarray]], prev: dict, last: dict) -> None:
             if not todo:
                 return
-            lab = [b for b, _ in todo]
             logits = self._decode(feats, transform_boxes(np.stack([p for _, p in todo]), tf))
-            for j, b in enumerate(lab):
-                prev[b] = self._paste(segs[z], logits[j], tf, given[b], b + 1)
+            for j, (b, prompt) in enumerate(todo):
+                prev[b] = self._paste(segs[z], logits[j], tf, prompt if follow_prompt else given[b], labels[b])
+                if follow_prompt:
+                    last[b] = prompt
 
         # sweep 1: ascending, middle slice .. z_max of every box
         for z in up_slices:
             active = [b for b in valid if mid[b] <= z <= z1[b] and b not in stopped_up]
-            todo = prompts_for(z, active, up_prev, stopped_up, {b: z == mid[b] for b in active})
+            todo = prompts_for(active, up_prev, up_last, stopped_up, {b: z == mid[b] for b in active})
             if not todo:
                 continue
-            feats, _ = self._encode(case.image[z])
+            feats, _ = self._encode(image[z])
             encoded.add(z)
             if z in down_set:
                 cache.put(z, feats)
-            run_slice(z, feats, todo, up_prev)
+            run_slice(z, feats, todo, up_prev, up_last)
             for b, _ in todo:
                 if z == mid[b]:
                     down_prev[b] = up_prev[b]  # the downward chain starts from the middle-slice mask
@@ -302,19 +474,89 @@ class Predictor:
         # sweep 2: descending, middle - 1 .. z_min of every box
         for z in down_slices:
             active = [b for b in valid if z0[b] <= z < mid[b] and b not in stopped_down]
-            todo = prompts_for(z, active, down_prev, stopped_down, {b: False for b in active})
+            todo = prompts_for(active, down_prev, down_last, stopped_down, {b: False for b in active})
             if todo:
                 feats = cache.get(z)
                 if feats is None:
                     if z in encoded:
                         report.reencoded += 1
-                    feats, _ = self._encode(case.image[z])
-                run_slice(z, feats, todo, down_prev)
+                    feats, _ = self._encode(image[z])
+                run_slice(z, feats, todo, down_prev, down_last)
             cache.drop(z)
 
-        report.cache_peak_slices = cache.peak_slices
-        report.cache_peak_mb = cache.peak_bytes / 2**20
+        report.cache_peak_slices = max(report.cache_peak_slices, cache.peak_slices)
+        report.cache_peak_mb = max(report.cache_peak_mb, cache.peak_bytes / 2**20)
         if report.reencoded:
-            log.warning("%s: embedding cache limit (%.0f MB) hit: %d slice(s) encoded twice", case.name,
+            log.warning("%s: embedding cache limit (%.0f MB) hit: %d slice(s) encoded twice", report.name,
                         cfg.cache_limit_mb, report.reencoded)
 
+    # ---- 2025 clicks --------------------------------------------------------------------
+    def _refine_class(self, vol: np.ndarray, p: ClassPrompt, seeds: list[int], segs: np.ndarray,
+                      cache: EmbeddingCache, report: CaseReport) -> None:
+        """Re-segment the slices ``seeds`` (slices with pending clicks) of class ``p`` and propagate."""
+        cfg = self.config
+        d, h, w = vol.shape[:3]
+        tf = get_transform((h, w), self.pp)
+        lab = p.label
+        z_lo, z_hi = p.z_range(d)
+
+        def feats_of(z: int) -> Feats:
+            f = cache.get(z)
+            if f is None:
+                f, _ = self._encode(vol[z])
+                cache.put(z, f)
+            return f
+
+        def segment(z: int, box: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+            """Run the decoder on slice z with ``box`` (None: clicks only) and the slice's clicks; write it."""
+            pts, pls = p.clicks_on(z)
+            old = segs[z] == lab
+            box = include_points(box, p.fg_on(z), cfg.margin_px, h, w)
+            if box is None and pts.shape[0] == 0:
+                new = np.zeros((h, w), bool)  # nothing to prompt with: the label ends here
+            elif box is None and not (pls > 0).any():
+                new = np.zeros((h, w), bool)  # background clicks alone select nothing
+            else:
+                ml = None
+                if cfg.prev_mask_input and old.any():
+                    ml = mask_to_logits(old, tf, self.pp.low_res_size, cfg.mask_input_logit)
+                logits = self._decode_one(feats_of(z), tf, box, pts, pls, ml)
+                new = self._mask(logits, tf, box, h, w)
+                report.refined_slices += 1
+            write_label(segs[z], lab, new)
+            return new, old, box
+
+        for z in seeds:
+            if not any(q[0] == z for q in pending_clicks(p, segs)):
+                continue  # an earlier seed's propagation already satisfied this slice's clicks
+            cur = segs[z] == lab
+            if p.box is not None and z == p.box.z_mid:
+                box = p.box.xyxy
+            elif cur.any():
+                box = self._grow(mask_bbox(cur), h, w)
+            else:
+                near = np.zeros((h, w), bool)
+                for zn in (z - 1, z + 1):
+                    if z_lo <= zn <= z_hi:
+                        near |= segs[zn] == lab
+                box = self._grow(mask_bbox(near), h, w) if near.any() else None
+            new, _, seed_box = segment(z, box)
+            for step in (1, -1):
+                prev_mask, last_box = new, seed_box
+                zz = z + step
+                while z_lo <= zz <= z_hi:
+                    bb = mask_bbox(prev_mask)
+                    if bb is not None:
+                        box = self._grow(bb, h, w)
+                    elif p.box is not None and cfg.on_empty == "box":
+                        report.empty_fallbacks += 1
+                        box = last_box
+                    else:
+                        box = None
+                    nm, old, used = segment(zz, box)
+                    if used is not None:
+                        last_box = used
+                    if mask_dsc(nm, old) >= cfg.settle_dsc:
+                        break
+                    prev_mask = nm
+                    zz += step
