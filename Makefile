@@ -41,5 +41,10 @@ $(DEMO_STAMP): pyproject.toml
 demo: $(DEMO_STAMP)
 	$(DEMO_VENV)/bin/lapsam eval model --cases demo/data --model $(MODEL) -o $(DEMO_OUT)
 
+# Runtime figures of the default model (run alone on an idle machine), appended to BENCHMARKS.md.
+BENCH_ARGS ?= --backends openvino --ov-precisions f32 --naive-max-pairs 400
+bench: $(STAMP)
+	$(VENV)/bin/lapsam bench runtime --model $(MODEL) $(BENCH_ARGS) --write BENCHMARKS.md
+
 clean:
 	rm -rf $(VENV) $(DEMO_VENV) $(DEMO_OUT) build *.egg-info .pytest_cache

@@ -60,6 +60,12 @@ falls back to the last prompt of that sweep (``follow_prompt``).
    the following slices lose the label until the old mask is empty too).
 
 Slices no pending click reaches keep ``prev_pred`` exactly.
+
+Crop (2024 cases, models exported with ``Preprocessing.crop_context`` > 0, such as the
+default model): the case is first cropped to one window around the union of its boxes
+(:mod:`lapsam.runtime.crop`), segmented as above, and pasted back, so small objects in
+large images keep their pixels. The window is fixed per case: each slice is still encoded
+once.
 """
 
 from __future__ import annotations
@@ -86,6 +92,7 @@ from lapsam.preprocess import (
 
 from .cache import EmbeddingCache
 from .cpus import available_cpus, limit_blas_threads
+from .crop import case_window, crop_case, paste
 from .engines import CallStats, CountingEngine, Engine, EngineOptions, Feats, load_engine
 from .interactive import (
     ClassPrompt,
@@ -305,6 +312,9 @@ class Predictor:
             for i, msg in case.box_errors.items():
                 log.warning("%s: box %d skipped: %s", case.name, i + 1, msg)
             return segs
+        win = case_window(case, self.pp)
+        if win is not None:  # a model trained with crop_context: segment the window around the boxes
+            return paste(case, self.predict(crop_case(case, win)), win)
         t = time.perf_counter()
         self.stats.reset()
         report = CaseReport(name=case.name, skipped_boxes=dict(case.box_errors))
