@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "OUTPUT_DIR/<same name>.npz with key 'segs' (written atomically). 3D cases encode each slice "
         "at most once and propagate every box from its middle slice. The output folder is checked (created, "
         "writable) before the model loads. Exit codes: 0 every case written, 1 a case failed or the model "
-        "could not load, 2 bad input/output folder, 130/143 stopped by SIGINT/SIGTERM (finished cases kept).",
+        "could not load, 2 bad input/output/model folder, 130/143 stopped by SIGINT/SIGTERM (finished cases kept).",
     )
     p.add_argument("-i", "--input", required=True, type=Path, help="folder of .npz cases (or one .npz file)")
     p.add_argument("-o", "--output", required=True, type=Path, help="folder for the segs .npz files")
