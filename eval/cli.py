@@ -1,4 +1,5 @@
-"""``lapsam eval metrics|timing|report``: score predictions, time a submission image, report both."""
+"""``lapsam eval metrics|timing|report|model``: score predictions, time a submission image, report both,
+compare a model with box-fill."""
 
 from __future__ import annotations
 
@@ -74,6 +75,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--compare-timing", type=Path, help="NAME_running_time.csv of image B (needs --timing)")
     r.add_argument("-o", "--output", type=Path, default=Path("report"), help="report folder (default: ./report)")
     r.set_defaults(func=cmd_report)
+
+    mm = esub.add_parser(
+        "model",
+        help="a model on cases next to box-fill: predict, score, one table, one PNG per case",
+        description="Segment every case of CASES (imgs/ + gts/) with the exported model (torch-free runtime), "
+        "score it and the box-fill reference (every pixel inside each box) with the challenge metrics, print "
+        "one table (case, DSC, NSD, seconds, box-fill DSC/NSD) and write OUT/model_vs_boxfill.md/.csv, "
+        "OUT/segs/, OUT/boxfill/ and OUT/png/<case>.png (reference and prediction contours). "
+        "Exit code 1 if any case failed.",
+    )
+    mm.add_argument("--cases", type=Path, required=True, help="folder with imgs/ and gts/ (e.g. demo/data)")
+    mm.add_argument("--model", type=Path, default=None,
+                    help="exported model folder (default: $LAPSAM_MODEL_DIR, else models/default)")
+    mm.add_argument("-o", "--output", type=Path, default=Path("eval-model"), help="output folder (default: ./eval-model)")
+    mm.add_argument("--backend", choices=("openvino", "onnxruntime"), default="openvino",
+                    help="inference engine (default: openvino)")
+    mm.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
+    mm.add_argument("--no-png", action="store_true", help="skip the per-case pictures")
+    mm.set_defaults(func=cmd_model)
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
@@ -202,3 +222,24 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {path}")
     return 0
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from lapsam.errors import LapsamError
+    from lapsam.runtime.cli import default_model_dir
+
+    from .modelcheck import evaluate_model, render_table
+
+    try:
+        model = args.model or default_model_dir()
+        if not (Path(model) / "manifest.json").is_file():
+            raise FileNotFoundError(f"{model}: no manifest.json (not an exported model folder)")
+        rows, failed = evaluate_model(args.cases, args.output, model, backend=args.backend, threads=args.threads,
+                                      pngs=not args.no_png, progress=not getattr(args, "quiet", False))
+    except (LapsamError, FileNotFoundError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    print(render_table(rows))
+    print(f"wrote {args.output / 'model_vs_boxfill.md'}, {args.output / 'model_vs_boxfill.csv'}"
+          + ("" if args.no_png else f" and {len(rows)} PNG(s) in {args.output / 'png'}/"))
+    return 1 if failed else 0

@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = s.add_parser("build", help="build the image from the repo's Dockerfile with a model baked in",
                      description="Prepare the build context (runtime wheels for Python 3.11 manylinux, a "
                      "lapsam wheel without extras, the model) and docker build it, streaming the log.")
-    b.add_argument("--model", type=Path, required=True, help="exported model folder (with manifest.json)")
+    b.add_argument("--model", type=Path, default=None,
+                   help="exported model folder with manifest.json (default: $LAPSAM_MODEL_DIR, else models/default)")
     b.add_argument("--tag", default=DEFAULT_TAG, help=f"image tag (default {DEFAULT_TAG})")
     b.add_argument("--base-image", default=None,
                    help="base image: python:3.11-slim (default, needs Docker Hub) or the offline "
@@ -44,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     c = s.add_parser("context", help="only prepare the build context (then: docker build -t NAME DIR)",
                      description="Lay out the build context that the Dockerfile expects, for a plain docker build.")
-    c.add_argument("--model", type=Path, required=True, help="exported model folder (with manifest.json)")
+    c.add_argument("--model", type=Path, default=None,
+                   help="exported model folder with manifest.json (default: $LAPSAM_MODEL_DIR, else models/default)")
     c.add_argument("-o", "--out", type=Path, required=True, help="folder to create or refresh")
     c.add_argument("--repo", type=Path, default=None, help="lapsam source tree (default: found from this install)")
     c.add_argument("--only-backend", type=backend_arg, default=None, metavar=BACKEND_METAVAR,
@@ -93,7 +95,7 @@ def cmd_context(args: argparse.Namespace) -> int:
     from .context import prepare_context
 
     backends = (file_backend(args.only_backend),) if args.only_backend else None
-    out = prepare_context(args.model, args.out, repo=args.repo, backends=backends)
+    out = prepare_context(_model(args), args.out, repo=args.repo, backends=backends)
     _print(f"build context ready: {out}\n  docker build -t NAME:latest --build-arg BASE_IMAGE=IMG {out}")
     return 0
 
@@ -108,7 +110,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lapsam-context-") as tmp:
         backends = (file_backend(args.only_backend),) if args.only_backend else None
-        ctx = prepare_context(args.model, args.context or Path(tmp) / "context", repo=args.repo,
+        ctx = prepare_context(_model(args), args.context or Path(tmp) / "context", repo=args.repo,
                               backends=backends)
         _print(f"context: {ctx} ({time.perf_counter() - t0:.1f} s); building {args.tag} from {base}")
         res = build_image(
@@ -213,3 +215,10 @@ if __name__ == "__main__":  # pragma: no cover
     from lapsam.cli import main
 
     sys.exit(main(["submission", *sys.argv[1:]]))
+
+
+def _model(args: argparse.Namespace) -> Path:
+    """``--model``, else the default model (``lapsam predict``'s rule)."""
+    from lapsam.runtime.cli import default_model_dir
+
+    return args.model or default_model_dir()
