@@ -7,6 +7,7 @@ On a laptop without Docker, set LAPSAM_SKIP_DOCKER=1 to skip them.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import subprocess
@@ -52,13 +53,13 @@ def offline_base(client, repo_root: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def image_tag(client, offline_base: str, small_model_dir: Path):
-    """The image built from this repo with the offline base and the small exported model (OpenVINO files only)."""
+def image_tag(client, offline_base: str):
+    """The image built from this repo with the offline base and the default model (no --model: models/default)."""
     from lapsam.submission.image import remove_image
 
     tag = f"lapsam-test-{os.getpid()}:latest"
-    rc = lapsam_main(["submission", "build", "--model", str(small_model_dir), "--tag", tag,
-                      "--base-image", offline_base, "--only-backend", "openvino"])
+    os.environ.pop("LAPSAM_MODEL_DIR", None)
+    rc = lapsam_main(["submission", "build", "--tag", tag, "--base-image", offline_base, "--only-backend", "openvino"])
     assert rc == 0
     yield tag
     remove_image(tag, client)
@@ -93,7 +94,8 @@ def test_image_is_runtime_only_non_root_with_compile_cache(client, image_tag: st
         "echo uid=$(id -u); test -f /workspace/predict.sh && echo predict=yes; "
         "echo blobs=$(ls /opt/lapsam/ov_cache | wc -l); echo onnx=$(find /opt/lapsam/model -name '*.onnx' | wc -l); "
         "python -c 'import importlib.util as u; print(\"torch=%s\" % (u.find_spec(\"torch\") is not None))'; "
-        "touch /opt/lapsam/ov_cache/.w && echo cache_writable=yes"
+        "touch /opt/lapsam/ov_cache/.w && echo cache_writable=yes; "
+        "python -c 'import json; print(\"model=%s\" % json.load(open(\"/opt/lapsam/model/manifest.json\"))[\"name\"])'"
     ))
     assert rc == 0, out
     facts = dict(line.split("=", 1) for line in out.split() if "=" in line)
@@ -101,6 +103,8 @@ def test_image_is_runtime_only_non_root_with_compile_cache(client, image_tag: st
     assert int(facts["blobs"]) >= 2  # encoder + decoder compiled at build time
     assert facts["onnx"] == "0"  # --only-backend openvino
     assert facts["torch"] == "False" and facts["cache_writable"] == "yes"
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "models" / "default" / "manifest.json").read_text())
+    assert facts["model"] == shipped["name"]  # built with the default model
 
 
 def test_save_load_verify_official_protocol(client, image_tag: str, cases_dir: Path, tmp_path: Path,
