@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lapsam.case import Case, case_from_arrays, load_case
+from lapsam.case import case_from_arrays, load_case
 from lapsam.errors import CaseError
+from lapsam.format2025 import write_case_2025
 from lapsam.io import atomic_savez
 from lapsam.manifest import Preprocessing
 from lapsam.preprocess import resize_2d
@@ -46,6 +47,7 @@ from lapsam.runtime.app.volume import (  # noqa: E402
     open_image,
     parse_window,
 )
+from lapsam.runtime.interactive import ClassPrompt, SliceBox  # noqa: E402
 
 CASE_2D = "2DBox_CT_amos_0004_75"
 CASE_3D = "3DBox_CT_TotalSegSmall"  # 8 objects
@@ -348,18 +350,18 @@ def test_session_propagation_matches_predictor_and_cancels(tmp_path: Path, fake_
     s.set_mark("end", 6)
     job = s.propagate(wait=True)
     assert job.state == "done" and job.done == job.total == 5
-    ref = Predictor(FakeEngine(), PP).predict(
-        Case("3DBox_MR_ball", vol, np.array([[12, 10, 2, 36, 30, 6]]), True, "MR", box_mid_z=np.array([z])))
+    # the runtime's 2025 rule: a box drawn on one slice + its z range
+    ref = Predictor(FakeEngine(), PP).predict_prompts(vol, [ClassPrompt(1, SliceBox(12, 10, 36, 30, z, 2, 6))])
     np.testing.assert_array_equal(s.labels, ref)
+    assert s.labels[2].max() == 1 and s.labels[6].max() == 1 and s.labels[1].max() == 0
     assert eng.encodes == 5  # slice 4 was kept from the box and not encoded again
 
     # without marks the propagation runs until the mask vanishes ("stop"), over the whole volume
     s.set_mark("start", None)
     s.set_mark("end", None)
     s.propagate(wait=True)
-    ref2 = Predictor(FakeEngine(), PP, PredictorConfig(on_empty="stop")).predict(
-        Case("3DBox_MR_ball", vol, np.array([[12, 10, 0, 36, 30, vol.shape[0] - 1]]), True, "MR",
-             box_mid_z=np.array([z])))
+    ref2 = Predictor(FakeEngine(), PP, PredictorConfig(on_empty="stop")).predict_prompts(
+        vol, [ClassPrompt(1, SliceBox(12, 10, 36, 30, z, 0, vol.shape[0] - 1))])
     np.testing.assert_array_equal(s.labels, ref2)
     assert s.labels[1].max() == 1 and s.labels[0].max() == 0 and s.labels[8].max() == 0  # the ball's ends
 
@@ -380,15 +382,18 @@ def test_session_propagation_matches_predictor_and_cancels(tmp_path: Path, fake_
     assert s2.propagate(wait=True).state == "done"
 
 
-def test_session_file_boxes_equal_lapsam_predict(small_model_dir: Path, case_copy, tmp_path: Path):
+def test_session_file_boxes_equal_lapsam_predict(small_model_dir: Path, case_copy, imgs_dir: Path, tmp_path: Path):
     from lapsam.cli import main
 
     inp = case_copy(CASE_2D, CASE_3D)
+    case_2025 = "3DBox_MR_Breast1_2025"  # the 2025 format: box dicts (+ clicks), prev_pred rule
+    shutil.copy(imgs_dir.parent / "interactive" / "imgs" / "3DBox_MR_Breast1.npz", inp / f"{case_2025}.npz")
+    assert load_case(inp / f"{case_2025}.npz").format == "2025"
     assert main(["predict", "-i", str(inp), "-o", str(tmp_path / "ref"), "--model", str(small_model_dir),
                  "--threads", "1", "--no-progress"]) == 0
     seg = Segmenter.from_model_dir(small_model_dir, threads=1)
     s = Session(seg)
-    for name in (CASE_2D, CASE_3D):
+    for name in (CASE_2D, CASE_3D, case_2025):
         s.open_path(inp / f"{name}.npz")
         s.run_file_boxes()
         if s.job is not None:  # 3D: a propagation job
@@ -399,6 +404,50 @@ def test_session_file_boxes_equal_lapsam_predict(small_model_dir: Path, case_cop
         assert fname == f"{name}.npz"
         with np.load(io.BytesIO(data)) as z:
             np.testing.assert_array_equal(z["segs"], ref)
+
+
+def test_session_clicks_equal_lapsam_predict_on_a_2025_case(small_model_dir: Path, imgs_dir: Path,
+                                                              tmp_path: Path):
+    """Box, marks and clicks in the app == ``lapsam predict`` on a 2025 case holding them and the
+    app's masks before the click as ``prev_pred`` (the runtime's click rule, through the file format)."""
+    from lapsam.cli import main
+
+    name = "3DBox_MR_Breast1"
+    case = load_case(imgs_dir / f"{name}.npz")
+    x0, y0, z0, x1, y1, z1 = (int(v) for v in case.boxes[0])
+    zm = (z0 + z1) // 2
+    s = Session(Segmenter.from_model_dir(small_model_dir, threads=1))
+    s.open_path(imgs_dir / f"{name}.npz")
+    s.add_box(zm, [x0, y0, x1, y1])
+    s.set_mark("start", z0)
+    s.set_mark("end", z1)
+    fg: list[list[int]] = []
+    bg: list[list[int]] = []
+    for i, positive in enumerate((True, False)):
+        before = s.labels.copy()
+        if positive:  # where the object is absent: slice zm + 2 has no mask yet
+            z, y, x = zm + 2, (y0 + y1) // 2, (x0 + x1) // 2
+            assert before[z, y, x] == 0
+        else:  # inside the object's mask on its box slice
+            on = np.argwhere(before[zm] == 1)
+            assert len(on), "the box gave no mask"
+            z, (y, x) = zm, on[len(on) // 2]
+        job = s.add_click(z, x + 0.5, y + 0.5, positive, wait=True)
+        assert job.state == "done", job.message
+        (fg if positive else bg).append([int(z), int(y), int(x)])
+        assert s.objects[0].fg == fg and s.objects[0].bg == bg
+        box = {"z_min": z0, "z_max": z1, "z_mid": zm, "z_mid_x_min": x0, "z_mid_y_min": y0, "z_mid_x_max": x1,
+               "z_mid_y_max": y1}
+        ref_in = tmp_path / f"in{i}"
+        write_case_2025(ref_in / f"{name}.npz", case.image, case.spacing, boxes=[box],
+                        clicks=[{"fg": fg, "bg": bg}], prev_pred=before)
+        assert main(["predict", "-i", str(ref_in), "-o", str(tmp_path / f"out{i}"), "--model", str(small_model_dir),
+                     "--threads", "1", "--no-progress"]) == 0
+        with np.load(tmp_path / f"out{i}" / f"{name}.npz") as zf:
+            np.testing.assert_array_equal(s.labels, zf["segs"])
+        assert not np.array_equal(s.labels, before)  # the click changed the masks
+    assert s.undo().startswith("- click")
+    assert s.objects[0].bg == []
 
 
 # ---- the server (HTTP) ----------------------------------------------------------------------
@@ -585,12 +634,13 @@ def test_browser_box_mask_save_equals_lapsam_predict(app_process, small_model_di
         driver.find_element(By.ID, "file").send_keys(str(imgs_dir / f"{CASE_2D}.npz"))  # the page's upload
         _wait(lambda: driver.execute_script(
             "const s = window.lapsam.view.state; return s && s.image && s.image.name === arguments[0]"
-            " && window.lapsam.view.image !== null", CASE_2D), what="the case to open")
+            " && window.lapsam.view.image !== null && window.lapsam.view.maskKey !== ''"
+            " && document.getElementById('canvas').style.width !== ''", CASE_2D), what="the case to open")
         canvas = driver.find_element(By.ID, "canvas")
         r = driver.execute_script("const r = arguments[0].getBoundingClientRect();"
                                   "return [r.width, r.height, arguments[0].width, arguments[0].height]", canvas)
         sx, sy = r[0] / r[2], r[1] / r[3]
-        assert sx > 1 and sy > 1  # every image pixel is reachable with the mouse
+        assert sx > 1 and sy > 1, r  # every image pixel is reachable with the mouse
 
         def offset(x: int, y: int) -> tuple[int, int]:  # Selenium offsets are from the element's centre
             return round((x + 0.5) * sx - r[0] / 2), round((y + 0.5) * sy - r[1] / 2)
@@ -610,11 +660,32 @@ def test_browser_box_mask_save_equals_lapsam_predict(app_process, small_model_di
         driver.find_element(By.CSS_SELECTOR, '.save[data-format="npz"]').click()
         saved = _wait(lambda: next((p for p in downloads.glob("*.npz")), None), what="the download")
         _wait(lambda: not list(downloads.glob("*.crdownload")), what="the download to finish")
+        # a foreground click beside the box (where there is no mask yet), with the page's click tool
+        with np.load(saved) as z:
+            got_box = z["segs"]
+        cy = (drawn[1] + drawn[3]) // 2
+        free = [x for x in range(drawn[2] + 3, case.image.shape[1]) if got_box[cy, x] == 0]
+        cx = free[min(5, len(free) - 1)]
+        driver.find_element(By.CSS_SELECTOR, 'input[name="tool"][value="fg"]').click()
+        ActionChains(driver).move_to_element_with_offset(canvas, *offset(cx, cy)).click().perform()
+        _wait(lambda: driver.execute_script("const s = window.lapsam.view.state; return s.last.what === 'click'"),
+              what="the click's mask")
+        state = driver.execute_script("return window.lapsam.view.state")
+        click = state["objects"][0]["fg"]
+        assert len(click) == 1 and abs(click[0][1] - cy) <= 1 and abs(click[0][2] - cx) <= 1, click
         shot = os.environ.get("LAPSAM_APP_SCREENSHOT")
         if shot:
             driver.save_screenshot(shot)
     finally:
         driver.quit()
+    code, data = app.request("GET", "/api/save?format=npz")
+    assert code == 200
+    with np.load(io.BytesIO(data)) as z:
+        got_click = z["segs"]
+    ref_click = pred.predict_prompts(case.image[None], [ClassPrompt(1, SliceBox(*drawn, 0, 0, 0), fg=[tuple(click[0])])],
+                                     prev_pred=got_box[None])[0]
+    np.testing.assert_array_equal(got_click, ref_click)
+    assert not np.array_equal(got_click, got_box)
     assert saved.name == f"{CASE_2D}.npz"
     with np.load(saved) as z:
         got = z["segs"]

@@ -24,11 +24,12 @@ log = logging.getLogger(__name__)
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "app",
-        help="a local web page to segment an image with boxes (CPU, nothing leaves the machine)",
+        help="a local web page to segment an image with boxes and clicks (CPU, nothing leaves the machine)",
         description="Serve a page on this machine (127.0.0.1 unless --host) to open an image "
         "(challenge .npz, NIfTI, DICOM series folder, PNG/JPG; by PATH, the page's file picker or "
         "drag-and-drop), draw boxes on slices and see each mask at once (every slice's embedding is "
-        "computed once and kept), propagate 3D objects through the volume, undo, and save the mask "
+        "computed once and kept), refine with foreground/background clicks, propagate 3D objects "
+        "through the volume, undo, and save the mask "
         "as NIfTI (with the input's geometry), challenge npz or PNG. Needs the [app] extra.",
     )
     p.add_argument("path", nargs="?", type=Path, default=None,

@@ -17,7 +17,8 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,10 @@ from lapsam.preprocess import preprocess_image
 
 from ..cpus import available_cpus
 from ..engines import Engine, EngineOptions, Feats, load_engine, read_manifest
+from ..interactive import ClassPrompt
 from ..predictor import Predictor, PredictorConfig
+
+Progress = Callable[[int, int], None]  # (slices encoded so far, slices expected; 0 when unknown)
 
 
 class Cancelled(LapsamError):
@@ -140,8 +144,18 @@ class Segmenter:
     def model_name(self) -> str:
         return self.manifest.name if self.manifest is not None else "model"
 
+    def crops(self, image: np.ndarray) -> bool:
+        """Whether the model encodes a window around each box's region instead of the whole slice.
+
+        Models exported with ``crop_context`` > 0 (the default model) see, for a box, a crop around
+        it (``lapsam.runtime.crop``): each new region is encoded; only the same window is reused.
+        """
+        return self.pp.crop_context > 0 and max(image.shape[:2]) > self.pp.input_size
+
     def encode_slice(self, image: np.ndarray) -> bool:
-        """Encode one uint8 slice (H, W) / (H, W, 3) into the cache; False when it was there already."""
+        """Encode one uint8 slice (H, W) / (H, W, 3) into the cache; False when cached or when the model crops."""
+        if self.crops(image):
+            return False
         x, _ = preprocess_image(image, self.pp)
         if x in self.engine:
             return False
@@ -161,31 +175,54 @@ class Segmenter:
         case = Case(name="2DBox_app", image=image, boxes=b, is_3d=False, modality="")
         return self.predictors["box"].predict(case)
 
-    def propagate(self, volume: np.ndarray, boxes: np.ndarray, mid_z: np.ndarray, on_empty: str = "box",
-                  progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """Labels 1..N (D, H, W) for 3D boxes (N, 6) ``[x0, y0, z0, x1, y1, z1]`` started on slices ``mid_z``.
-
-        Exactly ``lapsam predict`` on a 3D case with these boxes (and ``box_mid_z``). ``progress(done,
-        total)`` is called after each slice's encoding (total: slices in the union of the z ranges);
-        :meth:`cancel` stops it with :class:`Cancelled`.
-        """
-        b = np.asarray(boxes, np.int64).reshape(-1, 6)
-        mid = np.asarray(mid_z, np.int64).reshape(-1)
-        total = len({z for row in b for z in range(int(row[2]), int(row[5]) + 1)})
+    @contextmanager
+    def _progress(self, total: int, progress: Progress | None) -> Iterator[None]:
+        """Report every encoder call (cached ones too) to ``progress`` while the block runs."""
         done = 0
 
         def tick() -> None:
             nonlocal done
             done += 1
             if progress is not None:
-                progress(min(done, total), total)
+                progress(min(done, total) if total else done, total)
 
-        case = Case(name="3DBox_app", image=volume, boxes=b, is_3d=True, modality="", box_mid_z=mid)
         self.engine.on_encode = tick
         try:
-            return self.predictors[on_empty].predict(case)
+            yield
         finally:
             self.engine.on_encode = None
+
+    def propagate(self, volume: np.ndarray, boxes: np.ndarray, mid_z: np.ndarray, on_empty: str = "box",
+                  progress: Progress | None = None) -> np.ndarray:
+        """Labels 1..N (D, H, W) for 3D boxes (N, 6) ``[x0, y0, z0, x1, y1, z1]`` started on slices ``mid_z``.
+
+        Exactly ``lapsam predict`` on a 2024-format 3D case with these boxes (and ``box_mid_z``).
+        ``progress(done, total)`` is called after each slice's encoding (total: slices in the union
+        of the z ranges); :meth:`cancel` stops it with :class:`Cancelled`.
+        """
+        b = np.asarray(boxes, np.int64).reshape(-1, 6)
+        mid = np.asarray(mid_z, np.int64).reshape(-1)
+        total = len({z for row in b for z in range(int(row[2]), int(row[5]) + 1)})
+        case = Case(name="3DBox_app", image=volume, boxes=b, is_3d=True, modality="", box_mid_z=mid)
+        with self._progress(total, progress):
+            return self.predictors[on_empty].predict(case)
+
+    def predict_case(self, case: Case, progress: Progress | None = None) -> np.ndarray:
+        """``lapsam predict`` on a loaded case (2025 cases: box dicts, clicks, ``prev_pred``)."""
+        with self._progress(0, progress):
+            return self.predictors["box"].predict(case)
+
+    def segment_prompts(self, volume: np.ndarray, prompts: Sequence[ClassPrompt], prev_pred: np.ndarray,
+                        on_empty: str = "box", total: int = 0, progress: Progress | None = None) -> np.ndarray:
+        """The runtime's 2025 rule (``Predictor.predict_prompts``) on ``volume`` (D, H, W) / (1, H, W, 3).
+
+        A class absent from ``prev_pred`` is swept from its box's slice through its z range (the window
+        follows each slice's prompt); then its clicks that the result contradicts re-segment their
+        slices and the change propagates until it settles. Labels of other classes are kept.
+        """
+        with self._progress(total, progress):
+            return self.predictors[on_empty].predict_prompts(volume, prompts, prev_pred, name="app",
+                                                            dtype=prev_pred.dtype)
 
     def cancel(self) -> None:
         self.engine.cancel.set()

@@ -68,10 +68,21 @@ def _int(body: dict[str, Any], key: str, default: Any = ...) -> Any:
         raise LapsamError(f"'{key}' must be an integer") from None
 
 
+def _float(body: dict[str, Any], key: str) -> float:
+    try:
+        v = float(body[key])
+    except (KeyError, TypeError, ValueError):
+        raise LapsamError(f"'{key}' must be a number") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise LapsamError(f"'{key}' must be a finite number")
+    return v
+
+
 def create_app(session: Session, config: ServerConfig | None = None) -> Starlette:
     """The Starlette application serving ``session``."""
     cfg = config or ServerConfig()
     max_upload = int(cfg.max_upload_mb * 2**20)
+    session.max_upload_mb = cfg.max_upload_mb
 
     async def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
@@ -82,6 +93,8 @@ def create_app(session: Session, config: ServerConfig | None = None) -> Starlett
     async def open_upload(request: Request) -> Response:
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > max_upload:
+            async for _ in request.stream():  # read it (and drop it) so the client gets the answer
+                pass
             raise ImageTooLarge(f"upload of {int(size) / 2**20:,.0f} MiB is over the limit of "
                                 f"{cfg.max_upload_mb:,.0f} MiB (lapsam app --max-upload-mb)")
         tmp = Path(tempfile.mkdtemp(prefix="lapsam-app-"))
@@ -149,6 +162,10 @@ def create_app(session: Session, config: ServerConfig | None = None) -> Starlett
                 if not isinstance(box, list):
                     raise LapsamError("'box' must be [x0, y0, x1, y1]")
                 return session.add_box(_int(body, "z", 0), box, _int(body, "label", None))
+            elif action == "click":
+                out = session.add_click(_int(body, "z", 0), _float(body, "x"), _float(body, "y"),
+                                        bool(body.get("positive", True)), _int(body, "label", None))
+                return out if isinstance(out, dict) else {}
             elif action == "mark":
                 session.set_mark(str(body.get("which", "")), _int(body, "z", None), _int(body, "label", None))
             elif action == "propagate":

@@ -18,15 +18,18 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lapsam.case import FORMAT_2025
 from lapsam.errors import LapsamError
 
-from .segmenter import Cancelled, Segmenter
+from ..interactive import ClassPrompt, SliceBox, prompts_from_case
+from .segmenter import Cancelled, Progress, Segmenter
 from .volume import Volume, Window, mask_bytes, mask_filename, open_image, parse_window
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,8 @@ class AppObject:
     boxes: dict[int, list[int]] = field(default_factory=dict)  # slice -> [x0, y0, x1, y1]
     key_z: int | None = None  # slice of the latest box: 3D propagation starts there
     z_marks: list[int | None] = field(default_factory=lambda: [None, None])  # first / last slice
+    fg: list[list[int]] = field(default_factory=list)  # foreground clicks [z, y, x]
+    bg: list[list[int]] = field(default_factory=list)  # background clicks [z, y, x]
     propagated: bool = False
 
     def as_dict(self) -> dict[str, Any]:
@@ -120,6 +125,7 @@ class Session:
         self.last: dict[str, Any] = {}
         self.message = ""
         self._u8: tuple[str, np.ndarray] | None = None
+        self.max_upload_mb: float | None = None  # set by the server, shown to the page
         self._upload_dirs: list[Path] = []
 
     # ---- opening ----------------------------------------------------------------------
@@ -287,7 +293,7 @@ class Session:
             img = self._slice_u8(z)
             gen = self.generation
         with self._engine_lock:
-            cached = self.seg.is_cached(img)
+            cached = None if self.seg.crops(img) else self.seg.is_cached(img)  # None: the box's window is encoded
             seg = self.seg.segment_slice(img, np.array([b]))
         with self._lock:
             if gen != self.generation:
@@ -298,13 +304,15 @@ class Session:
             obj = self._obj(label)
             obj.boxes[z] = b
             obj.key_z = z
+            obj.fg = [q for q in obj.fg if q[0] != z]  # a new box restarts the object on this slice
+            obj.bg = [q for q in obj.bg if q[0] != z]
             self.current = label
             self.rev += 1
             ms = (time.perf_counter() - t) * 1000.0
             self.last = {"what": "box", "ms": round(ms, 1), "cached": cached, "label": label, "z": z,
                          "pixels": int((self.labels[z] == label).sum())}  # type: ignore[index]
-            log.info("box %s on slice %d for object %d: %.0f ms (embedding %s)", b, z, label, ms,
-                     "cached" if cached else "computed")
+            log.info("box %s on slice %d for object %d: %.0f ms (%s)", b, z, label, ms,
+                     {True: "slice embedding kept", False: "slice encoded", None: "window around the box encoded"}[cached])
             return dict(self.last)
 
     def set_mark(self, which: str, z: int | None, label: int | None = None) -> None:
@@ -325,98 +333,189 @@ class Session:
             obj.z_marks[i] = None if z is None else self._check_z(z)
             self.rev += 1
 
-    # ---- 3D propagation ---------------------------------------------------------------
-    def _plan(self, labels: list[int] | None) -> list[tuple[str, list[AppObject], list[tuple[int, int]]]]:
+    # ---- prompts for the runtime's 2025 rule ----------------------------------------------
+    def _z_range(self, o: AppObject) -> tuple[int, int, str]:
+        """An object's z range and vanished-mask policy: both marks -> that range, ``box``; else ``stop``."""
         vol = self._vol()
-        objs = [o for o in self.objects if o.key_z is not None and (labels is None or o.label in labels)]
-        if not objs:
-            raise LapsamError("draw a box first")
-        groups: dict[str, tuple[list[AppObject], list[tuple[int, int]]]] = {"box": ([], []), "stop": ([], [])}
-        for o in sorted(objs, key=lambda o: o.label):
-            assert o.key_z is not None
-            lo, hi = o.z_marks
-            if lo is not None and hi is not None and lo > hi:
-                lo, hi = hi, lo
-            z0 = min(0 if lo is None else lo, o.key_z)
-            z1 = max(vol.depth - 1 if hi is None else hi, o.key_z)
-            mode = "box" if lo is not None and hi is not None else "stop"
-            groups[mode][0].append(o)
-            groups[mode][1].append((z0, z1))
-        return [(mode, g[0], g[1]) for mode, g in groups.items() if g[0]]
+        key = 0 if o.key_z is None else o.key_z
+        lo, hi = o.z_marks
+        if lo is not None and hi is not None and lo > hi:
+            lo, hi = hi, lo
+        z0 = min(0 if lo is None else lo, key)
+        z1 = max(vol.depth - 1 if hi is None else hi, key)
+        return z0, z1, ("box" if lo is not None and hi is not None else "stop")
 
+    def _prompt(self, o: AppObject) -> ClassPrompt:
+        """The object as the runtime's class prompt: its latest box on its slice, z range, clicks."""
+        box = None
+        if o.key_z is not None:
+            z0, z1, _ = self._z_range(o)
+            x0, y0, x1, y1 = o.boxes[o.key_z]
+            box = SliceBox(x0, y0, x1, y1, o.key_z, z0, z1)
+        return ClassPrompt(o.label, box, [tuple(p) for p in o.fg], [tuple(p) for p in o.bg])  # type: ignore[misc]
+
+    def _model_volume(self) -> np.ndarray:
+        """What the model sees: (D, H, W) uint8 for 3D; a 2D image as (1, H, W[, 3])."""
+        vol = self._vol()
+        return self._volume_u8() if vol.is_3d else self._slice_u8(0)[None]
+
+    def _commit(self, what: str, new: np.ndarray) -> None:
+        """Replace the label map by ``new`` (under the lock), with an undo snapshot of the changed slices."""
+        assert self.labels is not None
+        if new.dtype.itemsize > self.labels.dtype.itemsize:
+            self.labels = self.labels.astype(new.dtype)
+        changed = np.flatnonzero((new != self.labels).reshape(new.shape[0], -1).any(axis=1))
+        if changed.size:
+            self._push_undo(what, int(changed[0]), int(changed[-1]))
+            self.labels[changed[0] : changed[-1] + 1] = new[changed[0] : changed[-1] + 1]
+        else:
+            self._push_undo(what, 0, -1)
+
+    # ---- background jobs ------------------------------------------------------------------
+    def _start_job(self, what: str, total: int, compute: Callable[[Progress], np.ndarray],
+                   apply: Callable[[np.ndarray], None], wait: bool = False) -> Job:
+        """Run ``compute`` (model calls) in a thread, then ``apply`` its result under the lock.
+
+        Called with ``_lock`` held and the session idle.
+        """
+        job = Job(what=what, total=total)
+        self.job = job
+        gen = self.generation
+        self.seg.reset_cancel()
+
+        def run() -> None:
+            try:
+                with self._engine_lock:
+                    def progress(done: int, total: int) -> None:
+                        job.done = done
+
+                    result = compute(progress)
+                with self._lock:
+                    if gen != self.generation:
+                        raise LapsamError("the image changed meanwhile")
+                    apply(result)
+                    self.rev += 1
+                    job.done = max(job.done, job.total)
+                    job.seconds = time.perf_counter() - job.started
+                    job.message = f"{what}: {job.seconds:.1f} s"
+                    job.state = "done"
+            except Cancelled:
+                job.message = f"{what}: cancelled, nothing changed"
+                job.state = "cancelled"
+            except Exception as exc:  # noqa: BLE001 - reported in the page; the server keeps running
+                log.exception("%s failed", what)
+                job.message = f"{what} failed: {exc}"
+                job.state = "failed"
+            finally:
+                self.seg.reset_cancel()
+                log.info("%s", job.message)
+
+        thread = threading.Thread(target=run, daemon=True, name="lapsam-job")
+        thread.start()
+        if wait:
+            self._lock.release()
+            try:
+                thread.join()
+            finally:
+                self._lock.acquire()
+        return job
+
+    # ---- 3D propagation ---------------------------------------------------------------
     def propagate(self, labels: list[int] | None = None, wait: bool = False) -> Job:
         """Propagate objects (default: all with a box) through the volume in a background thread.
 
-        An object with both z marks fills that range (a vanished mask is prompted again with the
-        box, as ``lapsam predict``); without them propagation runs until the mask vanishes.
+        Each object is the runtime's class prompt (``Predictor.predict_prompts``): its latest box on
+        its slice, swept both ways with the window following each slice's prompt. With both z marks
+        it fills that range (a vanished mask is prompted again: ``on_empty="box"``); without them
+        it runs until the mask vanishes (``"stop"``). Its clicks then refine the result.
         """
         with self._lock:
             vol = self._vol()
             self._check_idle()
             if not vol.is_3d:
                 raise LapsamError("propagation is for 3D images")
-            plan = self._plan(labels)
-            volume = self._volume_u8()
-            jobs = []
-            for mode, objs, ranges in plan:
-                boxes = np.array([[*o.boxes[o.key_z][:2], r[0], *o.boxes[o.key_z][2:], r[1]]  # type: ignore[index]
-                                  for o, r in zip(objs, ranges, strict=True)], np.int64)
-                mids = np.array([o.key_z for o in objs], np.int64)
-                jobs.append((mode, [o.label for o in objs], ranges, boxes, mids))
-            total = sum(len({z for r in j[2] for z in range(r[0], r[1] + 1)}) for j in jobs)
-            what = "propagate object" + ("s " if sum(len(j[1]) for j in jobs) > 1 else " ") + ", ".join(
-                str(lab) for j in jobs for lab in j[1])
-            job = Job(what=what, total=total)
-            self.job = job
+            objs = [o for o in self.objects if o.key_z is not None and (labels is None or o.label in labels)]
+            if not objs:
+                raise LapsamError("draw a box first")
+            groups: dict[str, list[AppObject]] = {"box": [], "stop": []}
+            for o in sorted(objs, key=lambda o: o.label):
+                groups[self._z_range(o)[2]].append(o)
+            plan = [(mode, [self._prompt(o) for o in g]) for mode, g in groups.items() if g]
+            total = len({z for o in objs for z in range(self._z_range(o)[0], self._z_range(o)[1] + 1)})
+            volume = self._model_volume()
+            start = self.labels.copy()  # type: ignore[union-attr]
+            names = [str(o.label) for o in objs]
+            what = f"propagate object{'s' if len(names) > 1 else ''} " + ", ".join(names)
+
+            def compute(progress: Progress) -> np.ndarray:
+                cur = start
+                for mode, prompts in plan:
+                    prev = cur.copy()
+                    prev[np.isin(prev, [p.label for p in prompts])] = 0  # these classes are swept again
+                    cur = self.seg.segment_prompts(volume, prompts, prev, mode, total, progress)
+                return cur
+
+            def apply(new: np.ndarray) -> None:
+                self._commit(what, new)
+                for o in objs:
+                    self._obj(o.label).propagated = True
+
+            return self._start_job(what, total, compute, apply, wait)
+
+    # ---- clicks -------------------------------------------------------------------------
+    def add_click(self, z: int, x: float, y: float, positive: bool, label: int | None = None,
+                  wait: bool = False) -> Job | dict[str, Any]:
+        """A foreground / background click for object ``label`` (default: current; new if none).
+
+        The runtime's rule (``Predictor.predict_prompts`` with the current masks as ``prev_pred``):
+        a click the masks already honour changes nothing; otherwise its slice is segmented again
+        with the object's box (its own box on its box slice, else the bbox of its mask there or on
+        a neighbour slice) and every click of that slice, and in 3D the change propagates until it
+        settles. 2D: done at once; 3D: a background job like propagation.
+        """
+        t = time.perf_counter()
+        with self._lock:
+            vol = self._vol()
+            self._check_idle()
+            z = self._check_z(z) if vol.is_3d else 0
+            xi, yi = int(np.floor(float(x))), int(np.floor(float(y)))
+            if not (0 <= xi < vol.width and 0 <= yi < vol.height):
+                raise LapsamError("the click lies outside the image")
+            if label is None:
+                label = self.current if self.current is not None else self.new_object()
+            label = int(label)
+            obj = copy.deepcopy(self._obj(label))
+            (obj.fg if positive else obj.bg).append([z, yi, xi])
+            self._ensure_dtype(label)
+            prompt = self._prompt(obj)
+            volume = self._model_volume()
+            start = self.labels.copy()  # type: ignore[union-attr]
+            what = f"{'+' if positive else '-'} click on slice {z} for object {label}"
+            mode = self._z_range(obj)[2] if vol.is_3d else "box"
+
+            def compute(progress: Progress) -> np.ndarray:
+                return self.seg.segment_prompts(volume, [prompt], start, mode, 0, progress)
+
+            def apply(new: np.ndarray) -> None:
+                self._commit(what, new)
+                o = self._obj(label)
+                o.fg, o.bg = obj.fg, obj.bg
+                self.current = label
+                ms = (time.perf_counter() - t) * 1000.0
+                self.last = {"what": "click", "ms": round(ms, 1), "label": label, "z": z,
+                             "pixels": int((self.labels[z] == label).sum())}  # type: ignore[index]
+
+            if vol.is_3d:
+                return self._start_job(what, 0, compute, apply, wait)
             gen = self.generation
-            self.seg.reset_cancel()
-        thread = threading.Thread(target=self._run_job, args=(job, gen, volume, jobs), daemon=True,
-                                  name="lapsam-propagate")
-        thread.start()
-        if wait:
-            thread.join()
-        return job
-
-    def _run_job(self, job: Job, gen: int, volume: np.ndarray, jobs: list) -> None:  # type: ignore[type-arg]
-        results = []
-        base = 0
-        try:
-            with self._engine_lock:
-                for mode, labs, ranges, boxes, mids in jobs:
-                    n = len({z for r in ranges for z in range(r[0], r[1] + 1)})
-
-                    def progress(done: int, total: int, base: int = base) -> None:
-                        job.done = base + done
-
-                    seg = self.seg.propagate(volume, boxes, mids, mode, progress)
-                    results.append((labs, ranges, seg))
-                    base += n
-            with self._lock:
-                if gen != self.generation:
-                    raise LapsamError("the image changed meanwhile")
-                z0 = min(r[0] for _, ranges, _ in results for r in ranges)
-                z1 = max(r[1] for _, ranges, _ in results for r in ranges)
-                self._push_undo(job.what, z0, z1)
-                for labs, ranges, seg in results:
-                    for i, (lab, (a, b)) in enumerate(zip(labs, ranges, strict=True)):
-                        self._ensure_dtype(lab)
-                        self._paste(a, seg[a : b + 1], lab, i + 1)
-                        self._obj(lab).propagated = True
-                self.rev += 1
-                job.done = job.total
-                job.state = "done"
-                job.seconds = time.perf_counter() - job.started
-                job.message = f"{job.what}: {job.seconds:.1f} s"
-        except Cancelled:
-            job.state = "cancelled"
-            job.message = f"{job.what}: cancelled, nothing changed"
-        except Exception as exc:  # noqa: BLE001 - reported in the page; the server keeps running
-            log.exception("propagation failed")
-            job.state = "failed"
-            job.message = f"{job.what} failed: {exc}"
-        finally:
-            self.seg.reset_cancel()
-            log.info("%s", job.message)
+        with self._engine_lock:
+            new = compute(lambda done, total: None)
+        with self._lock:
+            if gen != self.generation:
+                raise LapsamError("the image changed meanwhile")
+            apply(new)
+            self.rev += 1
+            return dict(self.last)
 
     def cancel(self) -> None:
         with self._lock:
@@ -433,46 +532,68 @@ class Session:
         return self.job
 
     # ---- the file's own prompts -------------------------------------------------------
-    def run_file_boxes(self) -> Job | dict[str, Any]:
-        """Objects from the boxes stored in a challenge npz, segmented as ``lapsam predict`` does."""
+    def run_file_boxes(self, wait: bool = False) -> Job | dict[str, Any]:
+        """The prompts stored in a challenge npz, segmented exactly as ``lapsam predict`` does.
+
+        2024 files: their boxes (2D at once, 3D as a job); 2025 files: box dicts, clicks and
+        ``prev_pred`` through the runtime's 2025 rule (a job). One object per box / class.
+        """
         with self._lock:
             vol = self._vol()
             self._check_idle()
             case = vol.case
-            if case is None or case.num_boxes == 0:
-                raise LapsamError("this file holds no boxes")
-            self._push_undo("the file's boxes", 0, vol.depth - 1)
-            self.labels[:] = 0  # type: ignore[index]
-            self.objects = []
-            self._ensure_dtype(case.num_boxes)
-            for i in range(case.num_boxes):
-                o = AppObject(i + 1)
-                if i not in case.box_errors:
-                    b = case.boxes[i]
-                    if case.is_3d:
-                        z = int(case.box_mid_z[i]) if case.box_mid_z is not None else int((b[2] + b[5]) // 2)
-                        o.boxes[z] = [int(b[0]), int(b[1]), int(b[3]), int(b[4])]
-                        o.key_z, o.z_marks = z, [int(b[2]), int(b[5])]
-                    else:
-                        o.boxes[0] = [int(v) for v in b]
-                        o.key_z = 0
-                self.objects.append(o)
-            self.current = 1
-            self.rev += 1
+            if case is None or case.num_objects == 0:
+                raise LapsamError("this file holds no boxes or clicks")
+            objects = []
+            if case.format == FORMAT_2025 and case.is_3d:
+                for p in prompts_from_case(case):
+                    o = AppObject(p.label, fg=[list(q) for q in p.fg], bg=[list(q) for q in p.bg])
+                    if p.box is not None:
+                        b = p.box
+                        o.boxes[b.z_mid] = [b.x_min, b.y_min, b.x_max, b.y_max]
+                        o.key_z, o.z_marks = b.z_mid, [b.z_min, b.z_max]
+                    objects.append(o)
+            else:
+                for i in range(case.num_boxes):
+                    o = AppObject(i + 1)
+                    if i not in case.box_errors:
+                        b = case.boxes[i]
+                        if case.is_3d:
+                            z = int(case.box_mid_z[i]) if case.box_mid_z is not None else int((b[2] + b[5]) // 2)
+                            o.boxes[z] = [int(b[0]), int(b[1]), int(b[3]), int(b[4])]
+                            o.key_z, o.z_marks = z, [int(b[2]), int(b[5])]
+                        else:
+                            o.boxes[0] = [int(v) for v in b]
+                            o.key_z = 0
+                    objects.append(o)
+            what = f"the file's {'prompts' if case.format == FORMAT_2025 else 'boxes'}"
+            self._ensure_dtype(case.num_objects)
+            # the model sees the image as stored, whatever window is shown (as lapsam predict)
+            run_case = case
+            dtype = self.labels.dtype  # type: ignore[union-attr]
+
+            def compute(progress: Progress) -> np.ndarray:
+                segs = self.seg.predict_case(run_case, progress)
+                return segs.reshape(vol.depth, vol.height, vol.width).astype(dtype)
+
+            def apply(new: np.ndarray) -> None:
+                self._commit(what, new)
+                for o in objects:
+                    o.propagated = case.is_3d and o.key_z is not None
+                self.objects = objects
+                self.current = 1
+
             if case.is_3d:
-                return self.propagate()
-            img = self._slice_u8(0)
-            valid = case.valid_box_indices
+                return self._start_job(what, 0, compute, apply, wait)
             gen = self.generation
         with self._engine_lock:
-            seg = self.seg.segment_slice(img, case.boxes[valid])
+            new = compute(lambda done, total: None)
         with self._lock:
             if gen != self.generation:
                 raise LapsamError("the image changed meanwhile")
-            for j, i in enumerate(valid):
-                self._paste(0, seg[None], i + 1, j + 1)
+            apply(new)
             self.rev += 1
-        return {"what": "file boxes", "objects": case.num_boxes}
+        return {"what": what, "objects": case.num_objects}
 
     # ---- undo / clear -----------------------------------------------------------------
     def undo(self) -> str:
@@ -548,6 +669,7 @@ class Session:
                 "job": job,
                 "last": dict(self.last),
                 "message": self.message,
-                "clicks": False,
+                "clicks": True,
+                "max_upload_mb": self.max_upload_mb,
                 "cache": {"slices": len(self.seg.engine), "mb": round(self.seg.engine.nbytes / 2**20, 1)},
             }

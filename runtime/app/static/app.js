@@ -90,6 +90,8 @@ async function apply(state) {
     const nb = Object.keys(o.boxes).length;
     let text = `Object ${o.label}`;
     if (nb) text += ` · ${nb} box${nb > 1 ? "es" : ""}`;
+    const nc = o.fg.length + o.bg.length;
+    if (nc) text += ` · ${nc} click${nc > 1 ? "s" : ""}`;
     if (img && img.is_3d && (o.z_marks[0] !== null || o.z_marks[1] !== null))
       text += ` · z ${o.z_marks[0] ?? "…"}–${o.z_marks[1] ?? "…"}`;
     if (o.propagated) text += " · 3D";
@@ -114,7 +116,10 @@ async function apply(state) {
   const job = state.job;
   const running = !!(job && job.state === "running");
   $("job").hidden = !running;
-  if (running) { $("progress").max = Math.max(1, job.total); $("progress").value = job.done; }
+  if (running) {
+    const bar = $("progress");
+    if (job.total > 0) { bar.max = job.total; bar.value = job.done; } else bar.removeAttribute("value");
+  }
   for (const id of ["propagate", "propagate-all", "mark-start", "mark-end", "mark-clear"])
     $(id).disabled = running || !is3d || (id !== "propagate-all" && state.current === null);
   if (old && old.job && old.job.state === "running" && job && job.state !== "running")
@@ -123,7 +128,9 @@ async function apply(state) {
   // info
   const last = state.last || {};
   const info = [];
-  if (last.what === "box") info.push(`mask in ${last.ms} ms (${last.cached ? "embedding kept" : "slice encoded"})`);
+  if (last.what === "box")
+    info.push(`mask in ${last.ms} ms (${last.cached === null ? "box window encoded" : last.cached ? "embedding kept" : "slice encoded"})`);
+  if (last.what === "click") info.push(`click: ${last.ms} ms`);
   if (job && job.state === "done") info.push(`${job.what}: ${job.seconds.toFixed(1)} s`);
   info.push(`kept embeddings: ${state.cache.slices} slice(s), ${state.cache.mb} MiB`);
   $("info").textContent = info.join(" · ");
@@ -194,7 +201,22 @@ function paint() {
     ctx.lineWidth = o.label === s.current ? 2 * lw : lw;
     ctx.strokeRect(b[0] + 0.5, b[1] + 0.5, b[2] - b[0], b[3] - b[1]);
   }
-  if (view.drag) {
+  const r = Math.max(3, Math.round(canvas.width / 110));
+  for (const o of s.objects) {
+    for (const [kind, pts] of [["fg", o.fg], ["bg", o.bg]]) {
+      for (const p of pts) {
+        if (p[0] !== view.z) continue;
+        ctx.beginPath();
+        ctx.arc(p[2] + 0.5, p[1] + 0.5, r, 0, 2 * Math.PI);
+        ctx.fillStyle = kind === "fg" ? "#2ecc40" : "#ff4136";
+        ctx.fill();
+        ctx.lineWidth = Math.max(1, r / 3);
+        ctx.strokeStyle = o.label === s.current ? "#ffffff" : o.colour;
+        ctx.stroke();
+      }
+    }
+  }
+  if (view.drag && view.drag.tool === "box") {
     const d = view.drag;
     const cur = s.objects.find((o) => o.label === s.current);
     ctx.strokeStyle = cur ? cur.colour : "#ffffff";
@@ -228,7 +250,8 @@ function imagePoint(e) {
 canvas.addEventListener("mousedown", (e) => {
   if (e.button !== 0 || !view.state || !view.state.image) return;
   const [x, y] = imagePoint(e);
-  view.drag = { x0: x, y0: y, x1: x, y1: y };
+  const tool = document.querySelector('input[name="tool"]:checked').value;
+  view.drag = { x0: x, y0: y, x1: x, y1: y, tool };
   call("POST", "/api/prepare", { z: view.z }).catch(() => {}); // encode the slice while the box is drawn
   e.preventDefault();
 });
@@ -242,6 +265,10 @@ window.addEventListener("mouseup", async (e) => {
   const d = view.drag;
   [d.x1, d.y1] = imagePoint(e);
   view.drag = null;
+  if (d.tool !== "box") {
+    await act("click", { z: view.z, x: d.x0, y: d.y0, positive: d.tool === "fg" });
+    return;
+  }
   const box = [Math.min(d.x0, d.x1), Math.min(d.y0, d.y1), Math.max(d.x0, d.x1), Math.max(d.y0, d.y1)];
   if (box[2] - box[0] < 2 || box[3] - box[1] < 2) { paint(); return; }
   await act("box", { z: view.z, box });
@@ -262,6 +289,12 @@ canvas.addEventListener("wheel", (e) => { e.preventDefault(); setSlice(view.z + 
 // ---- controls -------------------------------------------------------------------------------
 async function upload(files) {
   if (!files.length) return;
+  const size = files.reduce((n, f) => n + (f.file || f).size, 0);
+  const limit = view.state && view.state.max_upload_mb;
+  if (limit && size > limit * 1048576) {
+    showError(`${(size / 1048576).toFixed(0)} MiB is over the upload limit of ${limit} MiB (lapsam app --max-upload-mb)`);
+    return;
+  }
   const fd = new FormData();
   for (const f of files) fd.append("files", f.file || f, f.path || f.webkitRelativePath || f.name);
   message(`opening ${files.length === 1 ? (files[0].name || files[0].file.name) : files.length + " files"} …`, true);
@@ -301,11 +334,15 @@ for (const b of document.querySelectorAll(".save")) {
   });
 }
 document.addEventListener("keydown", (e) => {
-  if (e.target.tagName === "INPUT" && e.target.type !== "range") return;
+  if (e.target.tagName === "INPUT" && ["text", "number", "file"].includes(e.target.type)) return;
   if ((e.ctrlKey || e.metaKey) && e.key === "z") { e.preventDefault(); act("undo"); }
   else if (e.key === "ArrowUp" || e.key === "PageUp") { e.preventDefault(); setSlice(view.z + 1); }
   else if (e.key === "ArrowDown" || e.key === "PageDown") { e.preventDefault(); setSlice(view.z - 1); }
   else if (e.key === "n" && !e.ctrlKey && !e.metaKey) act("object");
+  else if (e.key === "b" || e.key === "+" || e.key === "=" || e.key === "-") {
+    const v = e.key === "b" ? "box" : e.key === "-" ? "bg" : "fg";
+    document.querySelector(`input[name="tool"][value="${v}"]`).checked = true;
+  }
 });
 
 // ---- drag and drop (files, or a DICOM folder) -------------------------------------------------
