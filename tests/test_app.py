@@ -502,12 +502,16 @@ class AppProcess:
         code, data = self.request(method, path, body, {"Content-Type": "application/json"} if body else None)
         return code, json.loads(data)
 
-    def upload(self, name: str, content: bytes) -> tuple[int, dict]:
+    def upload(self, name: str, content: bytes, more: list[tuple[str, bytes]] = ()) -> tuple[int, dict]:
+        """POST /api/open with one file, or several (a DICOM folder: names with the folder)."""
         import json
 
         boundary = "lapsamtestboundary"
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
-                f"Content-Type: application/octet-stream\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+        body = b""
+        for n, c in [(name, content), *more]:
+            body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{n}\"\r\n"
+                     f"Content-Type: application/octet-stream\r\n\r\n").encode() + c + b"\r\n"
+        body += f"--{boundary}--\r\n".encode()
         code, data = self.request("POST", "/api/open", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
         return code, json.loads(data)
 
@@ -559,6 +563,15 @@ def test_server_bad_input_keeps_running(app_process, imgs_dir: Path, tmp_path: P
     assert code == 200 and out["label"] == 1
     code, data = app.request("GET", "/api/save?format=nii.gz")
     assert code == 200 and gzip.decompress(data)[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c")
+
+    # a DICOM folder as the page sends it (every file, with its folder in the name)
+    arr = np.random.default_rng(2).integers(-200, 300, (4, 24, 32)).astype(np.int16)
+    write_dicom_series(tmp_path / "ser", arr)
+    files = [(f"ser/{f.name}", f.read_bytes()) for f in sorted((tmp_path / "ser").iterdir())]
+    code, st = app.upload(*files[0], more=files[1:])
+    assert code == 200, st
+    assert st["image"]["source"] == "dicom" and st["image"]["name"] == "ser" and st["image"]["depth"] == 4
+    assert st["window"]["name"] == "ct-soft" and st["objects"] == []
     assert app.proc.poll() is None
 
 
@@ -676,9 +689,24 @@ def test_browser_box_mask_save_equals_lapsam_predict(app_process, small_model_di
         shot = os.environ.get("LAPSAM_APP_SCREENSHOT")
         if shot:
             driver.save_screenshot(shot)
+        code, data = app.request("GET", "/api/save?format=npz")  # before the drop below replaces the image
+        assert code == 200
+
+        # drag and drop: a PNG made in the page, dropped on it
+        driver.execute_script("""
+            const c = document.createElement('canvas'); c.width = 48; c.height = 40;
+            const g = c.getContext('2d'); g.fillStyle = '#808080'; g.fillRect(0, 0, 48, 40);
+            c.toBlob((blob) => {
+              const dt = new DataTransfer();
+              dt.items.add(new File([blob], 'dropped.png', { type: 'image/png' }));
+              document.dispatchEvent(new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true }));
+            }, 'image/png');""")
+        _wait(lambda: driver.execute_script(
+            "const s = window.lapsam.view.state; return s.image && s.image.name === 'dropped'"), what="the drop")
+        st = driver.execute_script("return window.lapsam.view.state.image")
+        assert st["source"] == "picture" and (st["height"], st["width"]) == (40, 48)
     finally:
         driver.quit()
-    code, data = app.request("GET", "/api/save?format=npz")
     assert code == 200
     with np.load(io.BytesIO(data)) as z:
         got_click = z["segs"]
