@@ -45,7 +45,7 @@ import numpy as np
 
 from lapsam.case import case_from_arrays, list_cases
 from lapsam.errors import CaseError, LapsamError, UsageError
-from lapsam.format2025 import write_case_2025
+from lapsam.format2025 import read_reference, write_case_2025
 from lapsam.io import atomic_savez
 from lapsam.safe_npz import load_npz
 
@@ -277,24 +277,6 @@ class InteractiveResult:
         return self.total_seconds <= self.limit_seconds
 
 
-def _read_reference(case_path: Path, arrays: dict[str, np.ndarray], gts_dir: Path | None) -> np.ndarray:
-    if gts_dir is not None:
-        ref_path = gts_dir / case_path.name
-        if not ref_path.is_file():
-            raise CaseError(case_path, f"no reference {ref_path}")
-        ref_arrays = load_npz(ref_path)
-        if "gts" not in ref_arrays:
-            raise CaseError(ref_path, f"no 'gts' key (keys present: {sorted(ref_arrays)})")
-        gts = np.asarray(ref_arrays["gts"])
-    elif "gts" in arrays:
-        gts = np.asarray(arrays["gts"])
-    else:
-        raise CaseError(case_path, "no reference: the case has no 'gts' key; pass --gts DIR")
-    if gts.dtype.kind not in "biu" or (gts.dtype.kind == "i" and gts.size and int(gts.min()) < 0):
-        raise CaseError(case_path, f"reference 'gts' has dtype {gts.dtype} or negative labels")
-    return gts
-
-
 def run_case(case_path: Path, runner: StepRunner, work_dir: Path, gts_dir: Path | None = None,
              config: InteractiveConfig = InteractiveConfig(), progress: Any = None) -> tuple[InteractiveResult, list[np.ndarray]]:
     """The whole protocol on one case; returns its result and the segmentation of every step run."""
@@ -307,7 +289,7 @@ def run_case(case_path: Path, runner: StepRunner, work_dir: Path, gts_dir: Path 
         imgs = np.asarray(arrays["imgs"])
         if imgs.ndim != 3:
             raise CaseError(case_path, f"imgs has shape {imgs.shape}: the interactive protocol is for 3D cases")
-        gts = _read_reference(case_path, arrays, gts_dir)
+        gts = read_reference(case_path, arrays, gts_dir)
         if gts.shape != imgs.shape:
             raise CaseError(case_path, f"reference shape {gts.shape} differs from the image's {imgs.shape}")
         if "boxes" in arrays and arrays["boxes"].dtype != object:

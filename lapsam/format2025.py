@@ -32,6 +32,28 @@ from .safe_npz import load_npz
 
 log = logging.getLogger(__name__)
 
+
+def read_reference(case_path: Path, arrays: dict[str, np.ndarray], gts_dir: Path | None) -> np.ndarray:
+    """The reference labels of a case: ``gts_dir/<name>`` (key ``gts``), else the case's own ``gts`` key.
+
+    A missing file or key, a non-integer dtype or negative labels is a :class:`CaseError`.
+    """
+    if gts_dir is not None:
+        ref_path = gts_dir / case_path.name
+        if not ref_path.is_file():
+            raise CaseError(case_path, f"no reference {ref_path}")
+        ref_arrays = load_npz(ref_path)
+        if "gts" not in ref_arrays:
+            raise CaseError(ref_path, f"no 'gts' key (keys present: {sorted(ref_arrays)})")
+        gts = np.asarray(ref_arrays["gts"])
+    elif "gts" in arrays:
+        gts = np.asarray(arrays["gts"])
+    else:
+        raise CaseError(case_path, "no reference: the case has no 'gts' key; pass --gts DIR")
+    if gts.dtype.kind not in "biu" or (gts.dtype.kind == "i" and gts.size and int(gts.min()) < 0):
+        raise CaseError(case_path, f"reference 'gts' has dtype {gts.dtype} or negative labels; expected labels >= 0")
+    return gts
+
 BOX_KEYS: tuple[str, ...] = ("z_min", "z_max", "z_mid", "z_mid_x_min", "z_mid_y_min", "z_mid_x_max", "z_mid_y_max")
 
 
@@ -157,20 +179,7 @@ def convert_to_2025(
             if not case.is_3d:
                 summary.skipped[f.name] = "2D case (the 2025 format is 3D only)"
                 continue
-            if gts_dir is not None:
-                ref_path = Path(gts_dir) / f.name
-                if not ref_path.is_file():
-                    raise CaseError(f, f"no reference {ref_path}")
-                ref_arrays = load_npz(ref_path)
-                if "gts" not in ref_arrays:
-                    raise CaseError(ref_path, f"no 'gts' key (keys present: {sorted(ref_arrays)})")
-                gts = np.asarray(ref_arrays["gts"])
-            elif "gts" in arrays:
-                gts = np.asarray(arrays["gts"])
-            else:
-                raise CaseError(f, "no reference: the case has no 'gts' key; pass --gts DIR")
-            if gts.dtype.kind not in "iub":
-                raise CaseError(f, f"reference 'gts' has dtype {gts.dtype}; expected integer labels")
+            gts = read_reference(f, arrays, Path(gts_dir) if gts_dir is not None else None)
             try:
                 boxes, ref, notes = to_2025_arrays(case.image, gts, max_shift, rng)
             except ValueError as exc:
