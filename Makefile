@@ -25,8 +25,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[all,dev]'
 	touch $@
 
+# UTF-8 mode: the tests decode their subprocesses' output (progress bars) whatever the locale.
 test: $(STAMP)
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	PYTHONUTF8=1 $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lapsam distill export runtime submission eval tests

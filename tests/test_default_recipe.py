@@ -175,7 +175,8 @@ def test_boxfill_reference(tmp_path):
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lapsam.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, "-m", "lapsam.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", timeout=900)
 
 
 @pytest.mark.slow

@@ -122,6 +122,9 @@ def fake_model(monkeypatch, tmp_path: Path) -> dict:
 _CHILD = '''
 import os, signal, sys, time
 import numpy as np
+# Ctrl-C as in a terminal, even when the test runner itself runs in the background (a shell
+# starts background jobs with SIGINT ignored, and Python then keeps it ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {tests!r})
 from test_faults import FakePredictor
 from lapsam.runtime import run
@@ -156,7 +159,7 @@ def _child(tmp_path: Path, args: list[str], hook: str = "        pass", prefix: 
     env = dict(os.environ)
     env.pop("LAPSAM_MODEL_DIR", None)
     return subprocess.run([*(prefix or []), sys.executable, str(script), *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+                          encoding="utf-8", errors="replace", env=env, timeout=timeout)
 
 
 def _unprivileged() -> list[str]:
