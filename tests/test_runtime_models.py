@@ -112,11 +112,13 @@ def test_no_model_gives_clear_error(tmp_path: Path, case_copy, monkeypatch):
 
     from lapsam.cli import main
 
-    monkeypatch.delenv("LAPSAM_MODEL_DIR", raising=False)
-    if (Path(rcli.__file__).resolve().parents[1] / "models" / "default" / "manifest.json").is_file():
-        pytest.skip("a bundled default model exists")
+    # the default model's place ($LAPSAM_MODEL_DIR) holds no model: a clear error before any work
+    empty = tmp_path / "no-model"
+    empty.mkdir()
+    monkeypatch.setenv("LAPSAM_MODEL_DIR", str(empty))
+    assert rcli.default_model_dir() == empty
     rc = main(["predict", "-i", str(case_copy(CASE_2D)), "-o", str(tmp_path / "o")])
-    assert rc == 1 and not (tmp_path / "o").exists()
+    assert rc == 2 and not (tmp_path / "o").exists()
 
 
 def test_backends_agree_and_3d_counts(small_model_dir: Path, imgs_dir: Path):
