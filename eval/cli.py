@@ -11,6 +11,8 @@ log = logging.getLogger("lapsam.eval")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from lapsam.runtime.cli import add_engine_args
+
     p = sub.add_parser("eval", help="metrics (DSC/NSD), the official timing protocol, reports",
                        description="Evaluate segmentations and submission images as the CVPR 2024 organisers do.")
     p.set_defaults(part_parser=p)
@@ -89,10 +91,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     mm.add_argument("--model", type=Path, default=None,
                     help="exported model folder (default: $LAPSAM_MODEL_DIR, else models/default)")
     mm.add_argument("-o", "--output", type=Path, default=Path("eval-model"), help="output folder (default: ./eval-model)")
-    mm.add_argument("--backend", choices=("openvino", "onnxruntime"), default="openvino",
-                    help="inference engine (default: openvino)")
-    mm.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
+    add_engine_args(mm)
     mm.add_argument("--no-png", action="store_true", help="skip the per-case pictures")
+    mm.add_argument("--no-progress", action="store_true", help="no progress bar")
     mm.set_defaults(func=cmd_model)
 
 
@@ -225,8 +226,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_model(args: argparse.Namespace) -> int:
+    from lapsam.runtime.cli import default_model_dir, engine_options
+
     from lapsam.errors import LapsamError
-    from lapsam.runtime.cli import default_model_dir
 
     from .modelcheck import evaluate_model, render_table
 
@@ -234,8 +236,8 @@ def cmd_model(args: argparse.Namespace) -> int:
         model = args.model or default_model_dir()
         if not (Path(model) / "manifest.json").is_file():
             raise FileNotFoundError(f"{model}: no manifest.json (not an exported model folder)")
-        rows, failed = evaluate_model(args.cases, args.output, model, backend=args.backend, threads=args.threads,
-                                      pngs=not args.no_png, progress=not getattr(args, "quiet", False))
+        rows, failed = evaluate_model(args.cases, args.output, model, engine_options(args, progress=not args.no_progress),
+                                      pngs=not args.no_png)
     except (LapsamError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 2

@@ -22,6 +22,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from lapsam.case import Case, list_cases, load_case
 from lapsam.io import atomic_write, write_segs
 
 from .metrics import MetricsConfig, evaluate_folder
+
+if TYPE_CHECKING:
+    from lapsam.runtime.run import PredictOptions
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +126,9 @@ def _contour_png(path: Path, case: Case, gt: np.ndarray, pred: np.ndarray, title
     plt.close(fig)
 
 
-def evaluate_model(cases_dir: str | Path, out_dir: str | Path, model_dir: str | Path, backend: str = "openvino",
-                   threads: int | None = None, pngs: bool = True, progress: bool = True) -> tuple[list[Row], int]:
-    """Run the steps of the module doc; returns (rows, number of failed cases)."""
+def evaluate_model(cases_dir: str | Path, out_dir: str | Path, model_dir: str | Path,
+                   opts: PredictOptions | None = None, pngs: bool = True) -> tuple[list[Row], int]:
+    """Run the steps of the module doc with ``lapsam predict``'s options; returns (rows, failed cases)."""
     from lapsam.runtime.run import PredictOptions, predict_folder
 
     cases_dir, out = Path(cases_dir), Path(out_dir)
@@ -136,7 +140,7 @@ def evaluate_model(cases_dir: str | Path, out_dir: str | Path, model_dir: str | 
     if not files:
         raise FileNotFoundError(f"{imgs}: no .npz cases")
     out.mkdir(parents=True, exist_ok=True)
-    summary = predict_folder(imgs, out / "segs", model_dir, PredictOptions(backend=backend, threads=threads, progress=progress))
+    summary = predict_folder(imgs, out / "segs", model_dir, opts or PredictOptions())
     for f in files:
         try:
             case = load_case(f)

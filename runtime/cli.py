@@ -8,10 +8,14 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lapsam.errors import LapsamError
 
 from .backends import BACKEND_METAVAR, OV_PRECISIONS, backend_arg, positive_int
+
+if TYPE_CHECKING:
+    from .run import PredictOptions
 
 MODEL_ENV = "LAPSAM_MODEL_DIR"
 
@@ -48,6 +52,23 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="OpenVINO compiled-model cache folder (default: $LAPSAM_OV_CACHE_DIR; unset: no cache)")
 
 
+def add_propagation_args(p: argparse.ArgumentParser) -> None:
+    """3D propagation options and the progress switch, shared by ``predict`` and ``segment``."""
+    p.add_argument("--margin", type=int, default=2,
+                   help="3D: pixels added around the previous slice's mask box for the next prompt (default 2)")
+    p.add_argument("--on-empty", choices=("box", "stop"), default="box",
+                   help="3D: when a mask vanishes, prompt the next slice with the given box (default) or stop")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def engine_options(args: argparse.Namespace, **extra: object) -> PredictOptions:
+    """:class:`PredictOptions` from :func:`add_engine_args` options (plus ``extra`` fields)."""
+    from .run import PredictOptions
+
+    return PredictOptions(backend=args.backend, threads=args.threads, precision=args.precision,  # type: ignore[arg-type]
+                          precision_hint=args.precision_hint, cache_dir=args.cache_dir, **extra)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
@@ -64,31 +85,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"exported model folder with manifest.json (default: ${MODEL_ENV}, else models/default)")
     add_engine_args(p)
     p.add_argument("--decoder-batch", type=positive_int, default=16, help="boxes per decoder call (default 16)")
-    p.add_argument("--margin", type=int, default=2,
-                   help="3D: pixels added around the previous slice's mask box for the next prompt (default 2)")
-    p.add_argument("--on-empty", choices=("box", "stop"), default="box",
-                   help="3D: when a mask vanishes, prompt the next slice with the given box (default) or stop")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_propagation_args(p)
     p.set_defaults(func=cmd_predict)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .engines import read_manifest
-    from .run import PredictOptions, predict_folder
+    from .run import predict_folder
 
     model = args.model or default_model_dir()
     read_manifest(model)  # a folder that is not a model: one error line, exit code 2
-    opts = PredictOptions(
-        backend=args.backend,
-        threads=args.threads,
-        precision=args.precision,
-        precision_hint=args.precision_hint,
-        cache_dir=args.cache_dir,
-        decoder_batch=args.decoder_batch,
-        margin_px=args.margin,
-        on_empty=args.on_empty,
-        progress=not args.no_progress,
-    )
+    opts = engine_options(args, decoder_batch=args.decoder_batch, margin_px=args.margin, on_empty=args.on_empty,
+                          progress=not args.no_progress)
     summary = predict_folder(args.input, args.output, model, opts)
     print("\n".join(summary.lines()))
     return summary.exit_code

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lapsam.errors import UsageError
 
-from .cli import MODEL_ENV, add_engine_args, default_model_dir
+from .cli import MODEL_ENV, add_engine_args, add_propagation_args, default_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", default=None,
                    help="intensity window: ct-soft (L40 W400), ct-lung, ct-bone, ct-brain, ct-liver, percentile, "
                         "range, stored, or LEVEL,WIDTH (default: CT -> ct-soft, other -> percentile, uint8 -> stored)")
-    p.add_argument("--margin", type=int, default=2,
-                   help="3D: pixels added around the previous slice's mask box for the next prompt (default 2)")
-    p.add_argument("--on-empty", choices=("box", "stop"), default="box",
-                   help="3D: when a mask vanishes, prompt the next slice with the given box (default) or stop")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_propagation_args(p)
     p.set_defaults(func=cmd_segment)
 
 
