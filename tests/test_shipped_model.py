@@ -53,3 +53,21 @@ def test_predict_without_model_uses_the_default_and_segments(tmp_path):
         assert xs.min() >= x0 - 16 and xs.max() <= x1 + 16 and ys.min() >= y0 - 16 and ys.max() <= y1 + 16
         g = gts == i + 1
         assert 2 * (m & g).sum() / (m.sum() + g.sum()) > 0.3
+
+
+def test_predict_honours_backend(tmp_path):
+    """--backend reaches the engine: the default model ships OpenVINO files only, so onnxruntime is refused."""
+    from lapsam.cli import main
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    name = "2DBox_CT_amos_0004_75.npz"
+    (inp / name).write_bytes((REPO / "demo" / "data" / "imgs" / name).read_bytes())
+    manifest = json.loads((MODEL / "manifest.json").read_text())
+    assert {f["backend"] for f in manifest["files"]} == {"openvino"}
+    rc = main(["predict", "-i", str(inp), "-o", str(tmp_path / "ort"), "--model", str(MODEL),
+               "--backend", "onnxruntime", "--no-progress"])
+    assert rc != 0 and not (tmp_path / "ort" / name).exists()
+    rc = main(["predict", "-i", str(inp), "-o", str(tmp_path / "ov"), "--model", str(MODEL),
+               "--backend", "openvino", "--no-progress"])
+    assert rc == 0 and (tmp_path / "ov" / name).is_file()
