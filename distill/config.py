@@ -29,7 +29,10 @@ class ModelSection:
     teacher_image_size: int | None = None  # None: the teacher config's own (1024; medsam2: 512)
     init_checkpoint: str | None = None  # a lapsam checkpoint to start from (e.g. stage 1's best.pt)
     box_prior: float = 0.0  # initial scale of the learned box prior (LapSamConfig.box_prior); 0: off
-    crop_context: float = 0.0  # runtime crop around the boxes' union (Preprocessing.crop_context); 0: off
+    crop_context: float = 0.0  # runtime crop around the boxes (Preprocessing.crop_context); 0: off
+    crop_mode: str = "union"  # "union": one window around all boxes; "box": a window per box
+    crop_min_px: int = 64  # crop_mode "box": a box's window is at least this many pixels
+    crop_shared_frac: float = 0.5  # crop_mode "box": boxes whose window covers this much share one
 
 
 @dataclass

@@ -121,6 +121,7 @@ class CaseStore:
         self.cases = list(cases)
         self.max_cached = max_cached
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._boxes: dict[tuple[int, int], np.ndarray | None] = {}
 
     def get(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if i in self._cache:
@@ -139,6 +140,13 @@ class CaseStore:
         while len(self._cache) > self.max_cached:
             self._cache.popitem(last=False)
         return self._cache[i]
+
+    def label_box(self, i: int, v: int) -> np.ndarray | None:
+        """Inclusive ``[x0, y0, x1, y1]`` of label ``v`` of case ``i`` (over all slices of a 3D case)."""
+        key = (i, int(v))
+        if key not in self._boxes:
+            self._boxes[key] = label_union(self.get(i)[1] == v)
+        return self._boxes[key]
 
     def is_3d(self, i: int) -> bool:
         imgs, gts = self.get(i)
@@ -263,8 +271,9 @@ class AugmentConfig:
     brightness: float = 0.1  # fraction of 255
     contrast: tuple[float, float] = (0.85, 1.15)
     gamma: tuple[float, float] = (0.8, 1.25)
-    # With the model's Preprocessing.crop_context > 0: crop around the labels' union (the
-    # runtime's rule, context scaled by a random factor in crop_scale) with this probability.
+    # With the model's Preprocessing.crop_context > 0: crop with the runtime's rule (the labels'
+    # union, or with crop_mode "box" one object's own window with that object as the only
+    # target), context scaled by a random factor in crop_scale, with this probability.
     crop_prob: float = 0.0
     crop_scale: tuple[float, float] = (0.75, 1.5)
 
@@ -408,23 +417,36 @@ class PromptSliceDataset:
         img, lab = self.store.slice(self.refs[i])
         s = self.pp.input_size
         ctx = self.pp.crop_context
+        ref = self.refs[i]
+        volume = self.store.get(ref.case)[1] if ref.z >= 0 else None
+        only: int | None = None  # the one object of a per-box crop (crop_mode "box")
         if ctx > 0 and (not self.train or (a.enabled and rng.random() < a.crop_prob)):
-            # the runtime's crop: around the union of everything labelled (whole volume for 3D)
-            ref = self.refs[i]
-            union = label_union(self.store.get(ref.case)[1] if ref.z >= 0 else lab)
+            # the runtime's crop (lapsam.preprocess.box_windows), the context scaled at random
             if self.train:
                 ctx *= float(rng.uniform(*a.crop_scale))
-            y0, y1, x0, x1 = crop_window(union, lab.shape[0], lab.shape[1], s, ctx)
+            extent = volume if volume is not None else lab
+            hh, ww = lab.shape[:2]
+            win = None
+            present = [int(v) for v in np.unique(lab) if v != 0]
+            if self.pp.crop_mode == "box" and present:
+                v = present[int(rng.integers(len(present)))]
+                vbox = self.store.label_box(ref.case, v) if volume is not None else label_union(lab == v)
+                own = crop_window(vbox, hh, ww, self.pp.crop_min_px, ctx)
+                if (own[1] - own[0]) * (own[3] - own[2]) < self.pp.crop_shared_frac * hh * ww:
+                    win, only = own, v
+            if win is None:  # around the union of everything labelled (whole volume for 3D)
+                win = crop_window(label_union(extent), hh, ww, s, ctx)
+            y0, y1, x0, x1 = win
             img, lab = img[y0:y1, x0:x1], lab[y0:y1, x0:x1]
+            if volume is not None:
+                volume = volume[:, y0:y1, x0:x1]
         if self.train and a.enabled and rng.random() < a.intensity_prob:
             img = _intensity(img, rng, a)
         x, tf = preprocess_image(img, self.pp)
         x = x[0]
-        labels = [int(v) for v in np.unique(lab) if v != 0]
+        labels = [only] if only is not None else [int(v) for v in np.unique(lab) if v != 0]
         k = p.objects_per_image
         rng.shuffle(labels)
-        ref = self.refs[i]
-        volume = self.store.get(ref.case)[1] if ref.z >= 0 else None
 
         def at_input(mask2d: np.ndarray) -> np.ndarray:
             out = np.zeros((s, s), np.uint8)

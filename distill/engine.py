@@ -86,6 +86,9 @@ def lapsam_config(m: ModelSection) -> LapSamConfig:
         teacher_checkpoint=m.teacher_checkpoint,
         box_prior=m.box_prior,
         crop_context=m.crop_context,
+        crop_mode=m.crop_mode,
+        crop_min_px=m.crop_min_px,
+        crop_shared_frac=m.crop_shared_frac,
     )
 
 

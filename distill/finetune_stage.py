@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lapsam.preprocess import crop_window, postprocess_masks, preprocess_image, transform_boxes
+from lapsam.preprocess import box_windows, postprocess_masks, preprocess_image, transform_boxes
 
 from .config import FinetuneConfig, FinetuneLoss
 from .data import (
@@ -136,24 +136,30 @@ def evaluate_cases(model: LapSam, store: CaseStore, refs: list, device: torch.de
         labels = [int(v) for v in np.unique(lab) if v != 0]
         if not labels:
             continue
-        if pp.crop_context > 0:  # the runtime's crop around the union of the (tight) boxes
-            union = label_union(store.get(ref.case)[1] if ref.z >= 0 else lab)
-            y0, y1, x0, x1 = crop_window(union, lab.shape[0], lab.shape[1], pp.input_size, pp.crop_context)
-            img, lab = img[y0:y1, x0:x1], lab[y0:y1, x0:x1]
-        x, tf = preprocess_image(img, pp)
-        feats = model.encode(torch.from_numpy(x).to(device))
-        boxes = []
-        for v in labels:
-            ys, xs = np.nonzero(lab == v)
-            boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
-        b = torch.from_numpy(transform_boxes(np.asarray(boxes), tf)).to(device)
-        logits, _ = model.decode(*feats, boxes=b, repeat_image=True)
-        masks = postprocess_masks(logits[:, 0].float().cpu().numpy(), tf, pp.mask_threshold)
-        for v, m in zip(labels, masks, strict=False):
-            g = lab == v
-            key = (ref.case, v)
-            inter[key] = inter.get(key, 0.0) + float(np.logical_and(m, g).sum())
-            sums[key] = sums.get(key, 0.0) + float(m.sum() + g.sum())
+        # the runtime's crop windows (lapsam.preprocess.box_windows) from each object's x/y
+        # extent (over the whole volume for 3D, like a 3D box)
+        h, w = lab.shape[:2]
+        xy = [store.label_box(ref.case, v) if ref.z >= 0 else label_union(lab == v) for v in labels]
+        for win, idx in box_windows(np.stack(xy), h, w, pp):
+            y0, y1, x0, x1 = win if win is not None else (0, h, 0, w)
+            sub, sub_lab = img[y0:y1, x0:x1], lab[y0:y1, x0:x1]
+            group = [labels[j] for j in idx]
+            x, tf = preprocess_image(sub, pp)
+            feats = model.encode(torch.from_numpy(x).to(device))
+            boxes = []
+            for v in group:
+                ys, xs = np.nonzero(sub_lab == v)
+                boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
+            b = torch.from_numpy(transform_boxes(np.asarray(boxes), tf)).to(device)
+            logits, _ = model.decode(*feats, boxes=b, repeat_image=True)
+            masks = postprocess_masks(logits[:, 0].float().cpu().numpy(), tf, pp.mask_threshold)
+            for v, m in zip(group, masks, strict=False):
+                g = lab == v
+                full = np.zeros_like(g)
+                full[y0:y1, x0:x1] = m
+                key = (ref.case, v)
+                inter[key] = inter.get(key, 0.0) + float(np.logical_and(full, g).sum())
+                sums[key] = sums.get(key, 0.0) + float(full.sum() + g.sum())
     per_case: dict[int, list[float]] = {}
     for key, s in sums.items():
         if s > 0:

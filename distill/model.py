@@ -58,13 +58,18 @@ class LapSamConfig:
     # +s inside the prompt's box and -s outside (nothing for prompts without a box). 0: off,
     # SAM2's decoder as it is (what a distilled SAM2/MedSAM2 decoder expects).
     box_prior: float = 0.0
-    # Runtime crop around the union of the boxes (Preprocessing.crop_context); 0: whole image.
+    # Runtime crop around the boxes (Preprocessing.crop_context, crop_mode, crop_min_px,
+    # crop_shared_frac); crop_context 0: whole image.
     crop_context: float = 0.0
+    crop_mode: str = "union"
+    crop_min_px: int = 64
+    crop_shared_frac: float = 0.5
 
     @property
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(input_size=self.student.input_size, resize=self.student.resize,
-                             crop_context=self.crop_context)
+                             crop_context=self.crop_context, crop_mode=self.crop_mode,
+                             crop_min_px=self.crop_min_px, crop_shared_frac=self.crop_shared_frac)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +82,9 @@ class LapSamConfig:
             teacher_checkpoint=d.get("teacher_checkpoint"),
             box_prior=float(d.get("box_prior", 0.0)),
             crop_context=float(d.get("crop_context", 0.0)),
+            crop_mode=str(d.get("crop_mode", "union")),
+            crop_min_px=int(d.get("crop_min_px", 64)),
+            crop_shared_frac=float(d.get("crop_shared_frac", 0.5)),
         )
 
 

@@ -51,6 +51,9 @@ IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
 IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 
 
+CROP_MODES = ("union", "box")
+
+
 @dataclass
 class Preprocessing:
     """How an image becomes the encoder input; shared by distill, export and runtime.
@@ -64,6 +67,10 @@ class Preprocessing:
     square window around the union of the case's boxes, ``crop_context`` times the union's
     longer side and never smaller than ``input_size`` pixels (so small objects keep their
     pixels; :func:`lapsam.preprocess.crop_window`); 0: the whole image.
+    ``crop_mode`` ``"box"``: each box gets its own window instead (``crop_context`` times the
+    box's longer side, at least ``crop_min_px`` pixels, so a small object is enlarged to fill
+    the input); boxes whose window would cover at least ``crop_shared_frac`` of the image share
+    one encoding of the union window (:func:`lapsam.preprocess.box_windows`).
     """
 
     input_size: int = 1024
@@ -72,10 +79,18 @@ class Preprocessing:
     pixel_std: tuple[float, float, float] = IMAGENET_STD_255
     mask_threshold: float = 0.0
     crop_context: float = 0.0
+    crop_mode: str = "union"
+    crop_min_px: int = 64
+    crop_shared_frac: float = 0.5
 
     def __post_init__(self) -> None:
         if self.crop_context < 0:
             raise ValueError(f"crop_context must be >= 0, got {self.crop_context}")
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
+        if self.crop_min_px < 1 or not 0 < self.crop_shared_frac <= 1:
+            raise ValueError(f"crop_min_px must be >= 1 and crop_shared_frac in (0, 1]; got "
+                             f"{self.crop_min_px}, {self.crop_shared_frac}")
         if self.resize not in RESIZE_RULES:
             raise ValueError(f"resize must be one of {RESIZE_RULES}, got {self.resize!r}")
         if self.input_size % 16:

@@ -131,6 +131,49 @@ def crop_window(union_xyxy: np.ndarray | None, h: int, w: int, input_size: int,
     return cy0, cy0 + sh, cx0, cx0 + sw
 
 
+Window = tuple[int, int, int, int]  # y0, y1, x0, x1 (end exclusive)
+
+
+def box_windows(boxes_xyxy: np.ndarray, h: int, w: int, pp: Preprocessing) -> list[tuple[Window | None, list[int]]]:
+    """Which boxes are segmented in which crop window: ``[(window or None, box indexes), ...]``.
+
+    ``boxes_xyxy`` (N, 4): inclusive ``[x0, y0, x1, y1]`` (for 3D boxes their x/y extent).
+    ``crop_context`` <= 0: one group, the whole image (None). ``crop_mode`` ``"union"``: one
+    group, :func:`crop_window` around the union of all boxes. ``"box"``: each box's own window,
+    ``crop_context`` times its longer side and at least ``crop_min_px`` pixels (so small objects
+    are enlarged to the input size); boxes whose own window would cover at least
+    ``crop_shared_frac`` of the image go into one shared group with the union rule instead
+    (listed first), and boxes with identical windows share one. A window that is the whole
+    image is None. The same rule serves training (distill) and the runtime.
+    """
+    boxes = np.asarray(boxes_xyxy, np.float64).reshape(-1, 4)
+    n = boxes.shape[0]
+    if n == 0:
+        return []
+
+    def union_group(idx: list[int]) -> tuple[Window | None, list[int]]:
+        b = boxes[idx]
+        union = np.array([b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()])
+        win = crop_window(union, h, w, pp.input_size, pp.crop_context)
+        return (None if win == (0, h, 0, w) else win), idx
+
+    if pp.crop_context <= 0:
+        return [(None, list(range(n)))]
+    if pp.crop_mode == "union":
+        return [union_group(list(range(n)))]
+    shared: list[int] = []
+    own: dict[Window, list[int]] = {}
+    for i in range(n):
+        win = crop_window(boxes[i], h, w, pp.crop_min_px, pp.crop_context)
+        if (win[1] - win[0]) * (win[3] - win[2]) >= pp.crop_shared_frac * h * w:
+            shared.append(i)
+        else:
+            own.setdefault(win, []).append(i)
+    groups: list[tuple[Window | None, list[int]]] = [union_group(shared)] if shared else []
+    groups.extend(own.items())
+    return groups
+
+
 @dataclass(frozen=True)
 class Transform:
     """Geometry of one image's preprocessing: original size and resized (unpadded) size."""
