@@ -40,7 +40,7 @@ def _time_steps(stage, net, model, loader_items, steps: int) -> float:
 
 
 def _batches(dataset, batch_size: int):
-    from .engine import _collate
+    from .trainer import _collate
 
     def gen(k: int):
         idx = 0
@@ -70,12 +70,11 @@ def run_bench(args: argparse.Namespace) -> None:
 
     from .config import EncoderConfig, FinetuneConfig, load_config
     from .encoder_stage import EncoderStage
-    from .engine import DistInfo, build_model
     from .finetune_stage import FinetuneStage
-    from .model import SUPPORTED_BACKBONES
+    from .modeling import SUPPORTED_BACKBONES, build_student, param_count, student_table
     from .sam2_factory import resolve_sam2_name
-    from .student import build_student, param_count, student_table
     from .teacher import Teacher
+    from .trainer import DistInfo, build_model
 
     torch.set_num_threads(args.threads)
     info = DistInfo()

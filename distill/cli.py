@@ -10,6 +10,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from lapsam.errors import LapsamError, UsageError
+
 log = logging.getLogger(__name__)
 
 _TRAIN_EPILOG = """\
@@ -124,7 +126,10 @@ def _load(kind: str, args: argparse.Namespace):
     overrides = list(args.overrides)
     if args.out:
         overrides.append(f"train.out_dir={args.out}")
-    cfg = load_config(cls, args.config, overrides)
+    try:
+        cfg = load_config(cls, args.config, overrides)
+    except (ValueError, FileNotFoundError) as exc:
+        raise LapsamError(str(exc)) from None  # a config error: one line, exit 1
     if args.print_config:
         import yaml
 
@@ -144,12 +149,7 @@ def _report(summary: dict) -> None:
 
 
 def cmd_encoder(args: argparse.Namespace) -> int:
-    from lapsam.errors import LapsamError
-
-    try:
-        cfg = _load("encoder", args)
-    except (ValueError, FileNotFoundError) as exc:
-        raise LapsamError(str(exc)) from None
+    cfg = _load("encoder", args)
     if cfg is None:
         return 0
     from .encoder_stage import train_encoder
@@ -159,12 +159,7 @@ def cmd_encoder(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from lapsam.errors import LapsamError
-
-    try:
-        cfg = _load("finetune", args)
-    except (ValueError, FileNotFoundError) as exc:
-        raise LapsamError(str(exc)) from None
+    cfg = _load("finetune", args)
     if cfg is None:
         return 0
     if cfg.model.init_checkpoint and not Path(cfg.model.init_checkpoint).is_file():
@@ -185,18 +180,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     try:
         written, errors = prepare(args.images, args.labels, args.out, cfg)
     except FileNotFoundError as exc:
-        print(f"error: {exc}")
-        return 2
+        raise UsageError(str(exc)) from None
     for w in written:
         print(w)
     print(f"{len(written)} case(s) written to {args.out}, {len(errors)} failed")
     for e in errors:
-        print(f"failed: {e}")
+        print(f"FAILED {e}")  # the summary form of lapsam predict
     return 1 if errors else 0
 
 
 def cmd_students(args: argparse.Namespace) -> int:
-    from .student import student_table
+    from .modeling import student_table
 
     print(f"{'student':<18} {'encoder params':>15} {'total params':>13}")
     for row in student_table(args.input_size):
@@ -223,8 +217,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     try:
         path = plot_run(args.run_dir, args.output, args.title)
     except FileNotFoundError as exc:
-        print(f"error: {exc}")
-        return 2
+        raise UsageError(str(exc)) from None
     print(f"wrote {path}")
     return 0
 
@@ -235,8 +228,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     from .data import case_group, case_patient, find_cases, split_cases
 
     if args.out is None:
-        print("error: --out DIR is required")
-        return 2
+        raise UsageError("--out DIR is required")
     args.out, out = None, Path(args.out)
     cfg = _load("finetune", args)
     if cfg is None:

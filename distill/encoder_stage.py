@@ -26,10 +26,10 @@ from .data import (
     FeatureSliceDataset,
     build_split,
 )
-from .engine import DistInfo, Stage, StepResult, barrier
 from .feature_cache import FeatureCache, fingerprint
-from .model import LapSam
+from .modeling import LapSam
 from .teacher import FEATURE_NAMES, Teacher
+from .trainer import DistInfo, Stage, StepResult, barrier
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class EncoderStage(Stage):
 
 def train_encoder(cfg: EncoderConfig) -> dict[str, Any]:
     """Run stage 1 (single process, or one rank under torchrun); returns the run summary."""
-    from .engine import run_stage
+    from .trainer import run_stage
 
     return run_stage(lambda c, i, m: EncoderStage(c, i, m), cfg)
 

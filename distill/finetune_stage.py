@@ -36,8 +36,8 @@ from .data import (
     case_group,
     label_union,
 )
-from .engine import DistInfo, Stage, StepResult
-from .model import LapSam
+from .modeling import LapSam
+from .trainer import DistInfo, Stage, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,6 @@ class FinetuneStage(Stage):
 
 def train_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run stage 2 (single process, or one rank under torchrun); returns the run summary."""
-    from .engine import run_stage
+    from .trainer import run_stage
 
     return run_stage(lambda c, i, m: FinetuneStage(c, i, m), cfg)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lapsam.io import atomic_write
+from lapsam.writers import atomic_write
 
 
 def _read(path: Path) -> list[dict[str, str]]:

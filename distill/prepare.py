@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lapsam.io import atomic_savez
+from lapsam.writers import atomic_savez
 
 log = logging.getLogger(__name__)
 

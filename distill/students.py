@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from lapsam.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 
@@ -44,11 +46,11 @@ def time_candidates(cands: list[tuple[str, int]], work: Path, threads: int, boxe
     """Median ms of encoder (1 slice), decoder (1 box) and decoder (``boxes`` boxes) per candidate."""
     import torch
 
-    from lapsam.export.api import export_model
+    from lapsam.export.exporter import export_model
     from lapsam.manifest import ModelManifest
     from lapsam.runtime.engines import EngineOptions, load_engine
 
-    from .model import LapSamConfig, StudentConfig, build_lapsam, save_checkpoint
+    from .modeling import LapSamConfig, StudentConfig, build_lapsam, save_checkpoint
 
     runs: list[tuple[str, str, Any]] = []
     rng = np.random.default_rng(0)
@@ -109,15 +111,14 @@ def train_candidate(config: str, overrides: list[str], backbone: str, size: int,
 
 def run_students(args: argparse.Namespace) -> int:
     cands = args.candidates
+    if args.steps > 0 and not args.data:
+        raise UsageError("--data is needed for the accuracy runs (or --steps 0)")
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="lapsam-students-"))
     work.mkdir(parents=True, exist_ok=True)
     latency = time_candidates(cands, work / "export", args.threads, args.boxes, args.warmup, args.repeats)
     print(f"speed: OpenVINO f32, {args.threads} threads, median of {args.repeats} interleaved rounds (ms)")
     acc: dict[str, dict[str, float]] = {}
     if args.steps > 0:
-        if not args.data:
-            print("error: --data is needed for the accuracy runs (or --steps 0)")
-            return 2
         overrides = [f"data.train=[{','.join(args.data)}]"] + list(args.overrides)
         train_sizes = args.train_sizes or sorted({s for _, s in cands})
         for backbone, size in cands:

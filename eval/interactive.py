@@ -1,6 +1,6 @@
 """The CVPR 2025 interactive protocol (CVPR25_iter_eval.py): a box, then five correction clicks.
 
-For each 3D case (CHALLENGE.md section 4):
+For each 3D case in the 2025 format (:mod:`lapsam.format2025`):
 
 * step 1 runs the case with its box dicts (a case without ``boxes`` skips it: DSC/NSD 0, 0 s);
 * steps 2..6 each add one click per class, placed as the organisers place it: the largest
@@ -43,11 +43,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lapsam.case import case_from_arrays, list_cases
+from lapsam.case import case_from_arrays, require_cases
 from lapsam.errors import CaseError, LapsamError, UsageError
 from lapsam.format2025 import read_reference, write_case_2025
-from lapsam.io import atomic_savez
 from lapsam.safe_npz import load_npz
+from lapsam.writers import atomic_savez
 
 from .metrics import NSD_DSC_THRESHOLD, label_dsc, label_nsd
 from .tables import atomic_write_text, csv_float, csv_text, markdown_table, text_table
@@ -159,7 +159,7 @@ class ModelRunner:
 
     def run(self, input_path: Path) -> StepOutput:
         from lapsam.case import load_case
-        from lapsam.io import write_segs
+        from lapsam.writers import write_segs
 
         out = self.out_dir / input_path.name
         t = time.perf_counter()
@@ -369,12 +369,7 @@ def evaluate_interactive(cases_dir: str | Path, runner: StepRunner, out_dir: str
     """The protocol on every case of ``cases_dir``; writes ``out_dir/segs/<case>.npz`` (segs, all_segs)."""
     from tqdm import tqdm
 
-    try:
-        files = list_cases(cases_dir)
-    except FileNotFoundError as exc:
-        raise UsageError(str(exc)) from None
-    if not files:
-        raise UsageError(f"no .npz cases in {cases_dir}")
+    files = require_cases(cases_dir)
     if gts_dir is not None and not Path(gts_dir).is_dir():
         raise UsageError(f"reference folder {gts_dir} does not exist")
     out = Path(out_dir)

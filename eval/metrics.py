@@ -1,6 +1,6 @@
 """DSC and NSD per case and per label, as the CVPR 2024 organisers compute them, or exactly.
 
-Two modes (CHALLENGE.md section 3):
+Two modes:
 
 ``challenge`` (default) reproduces ``evaluation/compute_metrics.py`` + ``SurfaceDice.py``:
 
@@ -36,9 +36,9 @@ import numpy as np
 
 from lapsam.case import list_cases
 from lapsam.errors import CaseError, LapsamError
-from lapsam.io import check_output_file
 from lapsam.modality import parse_modality, split_name
 from lapsam.safe_npz import load_npz
+from lapsam.writers import check_output_file
 
 from .surface_compat import surface_metrics
 from .tables import (

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lapsam.case import Case, list_cases, load_case
-from lapsam.io import atomic_write, write_segs
+from lapsam.writers import atomic_write, write_segs
 
 from .metrics import MetricsConfig, evaluate_folder
 

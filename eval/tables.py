@@ -10,7 +10,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from lapsam.io import atomic_write
+from lapsam.writers import atomic_write
 
 
 def fmt(x: Any, digits: int = 4) -> str:

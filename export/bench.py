@@ -1,7 +1,7 @@
 """``lapsam bench export``: encoder latency per variant x backend x precision, student vs teacher.
 
 Both encoders (random weights: speed does not depend on weight values) are exported with the
-same code as ``lapsam export`` (:func:`lapsam.export.api.export_encoder_files`) and opened with the
+same code as ``lapsam export`` (:func:`lapsam.export.exporter.export_encoder_files`) and opened with the
 runtime's engine layer (:func:`lapsam.runtime.engines.open_graph`, the sessions ``lapsam predict``
 uses), then one image at a time is timed through each file: ONNX Runtime (fp32, int8), OpenVINO with
 ``INFERENCE_PRECISION_HINT=f32`` (fp32/fp16/int8 IR) and, where the CPU has bf16, with bf16.
@@ -43,9 +43,9 @@ def export_random(out: Path, *, backbone: str = "repvit_m0_9", input_size: int =
     Returns the :class:`~lapsam.manifest.ModelManifest`.
     """
     import torch
-    from lapsam.distill.model import LapSamConfig, StudentConfig, build_lapsam, save_checkpoint
+    from lapsam.distill.modeling import LapSamConfig, StudentConfig, build_lapsam, save_checkpoint
 
-    from .api import ExportError, export_model
+    from .exporter import ExportError, export_model
 
     torch.manual_seed(seed)
     try:
@@ -67,7 +67,7 @@ def _prepare_encoder(label: str, module, size: int, root: Path, args: argparse.N
 
     from lapsam.manifest import ENCODER_INPUT, Preprocessing
 
-    from .api import export_encoder_files
+    from .exporter import export_encoder_files
 
     calib = None
     if args.int8:
@@ -116,7 +116,7 @@ def _time_round_robin(timed: list[Timed], warmup: int, repeats: int) -> dict[str
 
 def run_bench(args: argparse.Namespace) -> int:
     import torch
-    from lapsam.distill.model import LapSamConfig, StudentConfig, build_lapsam
+    from lapsam.distill.modeling import LapSamConfig, StudentConfig, build_lapsam
     from lapsam.runtime.engines import cpu_has_bf16
 
     from .graphs import EncoderGraph

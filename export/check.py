@@ -36,7 +36,7 @@ from lapsam.errors import CaseError
 from lapsam.manifest import ModelManifest, sha256_file
 from lapsam.preprocess import postprocess_masks
 
-from .api import EXPORT_INFO_NAME, ExportError
+from .exporter import EXPORT_INFO_NAME, ExportError
 from .slices import PromptedSlice, iter_case_slices
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def run_check(
     manifest = read_manifest(model_dir)  # a folder that is not a model fails before torch loads
 
     import torch
-    from lapsam.distill.model import load_lapsam
+    from lapsam.distill.modeling import load_lapsam
 
     ckpt = find_checkpoint(model_dir, checkpoint, manifest)
     torch.set_num_threads(threads)

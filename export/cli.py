@@ -153,7 +153,7 @@ def _print_manifest(out: Path, manifest) -> None:  # type: ignore[no-untyped-def
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .api import export_model
+    from .exporter import export_model
 
     manifest = export_model(
         args.checkpoint,

@@ -1,4 +1,4 @@
-"""Export-friendly wrappers around a :class:`~lapsam.distill.model.LapSam`.
+"""Export-friendly wrappers around a :class:`~lapsam.distill.modeling.LapSam`.
 
 :class:`EncoderGraph` is the student encoder as is. :class:`DecoderGraph` puts SAM2's prompt
 encoder inside the decoder graph and takes the fixed input set of the graph contract in
@@ -12,7 +12,7 @@ encoder inside the decoder graph and takes the fixed input set of the graph cont
 * the dense prompt is ``mask_downscaling(mask_input)`` where ``has_mask_input`` is 1 and
   ``no_mask_embed`` where it is 0 (a blend, so one graph serves both cases);
 * the dense positional encoding is a constant of the graph (it depends only on the grid);
-* with a box prior (``LapSamConfig.box_prior``) the same :class:`~lapsam.distill.model.BoxPrior`
+* with a box prior (``LapSamConfig.box_prior``) the same :class:`~lapsam.distill.modeling.BoxPrior`
   module adds its learned +-s to the low-res logits inside the graph, so the runtime needs
   nothing to know about it.
 """

@@ -1,6 +1,6 @@
 """One typed ``Case`` for the CVPR 2024 (box) and CVPR 2025 (interactive 3D) npz formats.
 
-Conventions (CHALLENGE.md sections 1 and 4):
+Conventions (those of the organisers' npz files):
 
 * 3D ``image`` is uint8 (D, H, W); ``boxes`` are int64 (N, 6)
   ``[x_min, y_min, z_min, x_max, y_max, z_max]``, inclusive.
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CaseError
+from .errors import CaseError, UsageError
 from .modality import parse_modality, split_name
 from .safe_npz import load_npz
 
@@ -405,3 +405,17 @@ def list_cases(path: str | Path) -> list[Path]:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     return [path]
+
+
+def require_cases(path: str | Path, what: str = "") -> list[Path]:
+    """:func:`list_cases` for a command's input, checked before any work: a path that does not exist
+    or a folder without ``.npz`` files is a :class:`~lapsam.errors.UsageError` (exit 2), its message
+    prefixed with ``what`` (e.g. ``"input"``) when given."""
+    prefix = f"{what}: " if what else ""
+    try:
+        files = list_cases(path)
+    except FileNotFoundError as exc:
+        raise UsageError(f"{prefix}{exc}") from None
+    if not files:
+        raise UsageError(f"{prefix}{path}: no .npz cases")
+    return files

@@ -21,7 +21,7 @@ from .errors import LapsamError, Terminated
 
 # (module with register(), what it adds) in the order --help lists them.
 _PART_CLIS: tuple[str, ...] = (
-    "lapsam.datacli",
+    "lapsam.data_cli",
     "lapsam.distill.cli",
     "lapsam.export.cli",
     "lapsam.runtime.cli",

@@ -27,7 +27,7 @@ class Terminated(BaseException):
     """SIGTERM arrived (``docker stop``, a timeout, a job scheduler).
 
     A :class:`BaseException` like :class:`KeyboardInterrupt`, so per-case ``except Exception``
-    handlers do not swallow it, while ``finally`` blocks and :func:`lapsam.io.atomic_write`
+    handlers do not swallow it, while ``finally`` blocks and :func:`lapsam.writers.atomic_write`
     clean up on the way out. Exit code 143 (128 + SIGTERM).
     """
 

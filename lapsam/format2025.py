@@ -1,6 +1,6 @@
 """The CVPR 2025 interactive format: writing cases, and building them from 2024-format 3D cases.
 
-A 2025 case (CHALLENGE.md section 4) is a 3D ``.npz`` with ``imgs`` (D, H, W) uint8, ``spacing``
+A 2025 case (the organisers' interactive 3D format) is a 3D ``.npz`` with ``imgs`` (D, H, W) uint8, ``spacing``
 and, per class, a box dict ``{z_min, z_max, z_mid, z_mid_x_min, z_mid_y_min, z_mid_x_max,
 z_mid_y_max}`` (a 2D box on slice ``z_mid`` and the class's z range) in ``boxes``; the
 evaluator later adds ``clicks`` (per class ``{'fg': [[z, y, x], ...], 'bg': [...]}``),
@@ -27,8 +27,8 @@ import numpy as np
 
 from .case import case_from_arrays, list_cases
 from .errors import CaseError
-from .io import atomic_savez
 from .safe_npz import load_npz
+from .writers import atomic_savez
 
 log = logging.getLogger(__name__)
 

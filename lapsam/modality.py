@@ -1,4 +1,4 @@
-"""Modality parsed from a challenge case name (CHALLENGE.md section 1)."""
+"""Modality parsed from a challenge case name: the field after ``2DBox_`` / ``3DBox_`` (``3DBox_CT_0566`` -> CT)."""
 
 from __future__ import annotations
 

@@ -4,13 +4,13 @@ Order of work (each step is a check that fails fast, before the costly ones):
 
 1. list the input cases (absent or empty input: :class:`~lapsam.errors.UsageError`, exit 2);
 2. check the output folder: created if absent, must be a folder this process can write
-   (:func:`lapsam.io.check_output_dir`; :class:`~lapsam.errors.UsageError`, exit 2), so that
+   (:func:`lapsam.writers.check_output_dir`; :class:`~lapsam.errors.UsageError`, exit 2), so that
    no case is computed only to be lost at the write;
 3. remove the temporary files an earlier run killed mid-write (SIGKILL) left for these cases;
 4. load the model once, then run every case; a failing case does not stop the others.
 
 SIGINT and SIGTERM (``docker stop``, timeouts) stop the run between two Python steps: the
-output being written is discarded (its temporary file removed by :func:`lapsam.io.atomic_write`),
+output being written is discarded (its temporary file removed by :func:`lapsam.writers.atomic_write`),
 the finished outputs stay, the summary of the finished cases is logged, and the
 KeyboardInterrupt / :class:`~lapsam.errors.Terminated` goes on to the caller (``lapsam``
 exits 130 / 143).
@@ -27,9 +27,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lapsam.case import list_cases, load_case
-from lapsam.errors import CaseError, Terminated, UsageError
-from lapsam.io import check_output_dir, remove_stale_temp_files, write_segs
+from lapsam.case import load_case, require_cases
+from lapsam.errors import CaseError, Terminated
+from lapsam.writers import check_output_dir, remove_stale_temp_files, write_segs
 
 from .predictor import Predictor, PredictorConfig
 
@@ -121,12 +121,7 @@ def predict_folder(input_dir: str | Path, output_dir: str | Path, model_dir: str
 
     t0 = time.perf_counter()
     summary = FolderSummary()
-    try:
-        files = list_cases(input_dir)
-    except FileNotFoundError as exc:
-        raise UsageError(f"input: {exc}") from None
-    if not files:
-        raise UsageError(f"input folder {input_dir} holds no .npz cases")
+    files = require_cases(input_dir, "input")
     summary.total = len(files)
     out_dir = check_output_dir(output_dir)
     summary.removed_temp_files = len(remove_stale_temp_files(out_dir, [f.name for f in files]))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lapsam.io import atomic_write
+from lapsam.writers import atomic_write
 
 from .context import SubmissionError
 

@@ -95,7 +95,7 @@ def case_copy(tmp_path: Path, imgs_dir: Path):
 def small_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised LapSam (repvit_m0_9 at 256) saved as a lapsam checkpoint."""
     torch = pytest.importorskip("torch")
-    from lapsam.distill.model import LapSamConfig, StudentConfig, build_lapsam, save_checkpoint
+    from lapsam.distill.modeling import LapSamConfig, StudentConfig, build_lapsam, save_checkpoint
 
     torch.manual_seed(0)
     model = build_lapsam(LapSamConfig(student=StudentConfig(backbone="repvit_m0_9", input_size=256)))
@@ -105,7 +105,7 @@ def small_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_model_dir(small_checkpoint: Path, tmp_path_factory) -> Path:
     """``small_checkpoint`` exported to ONNX + OpenVINO fp32 with a manifest (built once per session)."""
-    from lapsam.export.api import export_model
+    from lapsam.export.exporter import export_model
 
     out = tmp_path_factory.mktemp("models") / "small"
     export_model(small_checkpoint, out, backends=("onnx", "openvino"), precisions=("fp32",))

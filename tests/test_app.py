@@ -28,9 +28,9 @@ import pytest
 from lapsam.case import case_from_arrays, load_case
 from lapsam.errors import CaseError
 from lapsam.format2025 import write_case_2025
-from lapsam.io import atomic_savez
 from lapsam.manifest import Preprocessing
 from lapsam.preprocess import resize_2d
+from lapsam.writers import atomic_savez
 
 nib = pytest.importorskip("nibabel")
 sitk = pytest.importorskip("SimpleITK")

@@ -12,8 +12,8 @@ import pytest
 
 from lapsam.case import FORMAT_2025, Case, case_from_arrays, list_cases, load_case, segs_dtype
 from lapsam.errors import CaseError, UnsafePickleError
-from lapsam.io import atomic_savez, write_segs
 from lapsam.safe_npz import load_npz, restricted_loads
+from lapsam.writers import atomic_savez, write_segs
 
 
 def _save(path: Path, **arrays) -> Path:

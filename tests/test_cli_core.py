@@ -1,4 +1,4 @@
-"""The core CLI (`lapsam --help`, `lapsam data inspect`) and the torch-free import path."""
+"""The core CLI (`lapsam --help`, `lapsam data inspect`), one-line errors on stderr, and the torch-free import path."""
 
 from __future__ import annotations
 
@@ -56,20 +56,60 @@ def test_inspect_bad_inputs_one_line_each(tmp_path: Path, imgs_dir: Path, capsys
     assert lines[-1] == "6 case(s), 1 ok, 5 with errors"
 
 
-def test_inspect_empty_folder(tmp_path: Path, capsys) -> None:
-    assert main(["data", "inspect", str(tmp_path)]) == 2
-    assert "no .npz files" in capsys.readouterr().out
+def _lapsam(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lapsam.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", timeout=300)
+
+
+def test_data_and_distill_errors_are_one_stderr_line(tmp_path: Path) -> None:
+    """`lapsam data` / `lapsam distill` report a command that cannot start as every command does:
+    one `error: MESSAGE` line on stderr (nothing on stdout), exit 2."""
+    empty, missing = tmp_path / "empty", tmp_path / "missing"
+    empty.mkdir()
+    cases = [
+        (["data", "inspect", str(empty)], "no .npz cases"),
+        (["data", "inspect", str(missing)], "does not exist"),
+        (["data", "to2025", str(missing), str(tmp_path / "o")], "does not exist"),
+        (["data", "to2025", str(empty), str(tmp_path / "o"), "--box-shift", "-1"], "--box-shift"),
+        (["distill", "prepare", str(missing), str(missing), str(tmp_path / "o")], "does not exist"),
+        (["distill", "plot", str(empty)], "train_log.csv"),
+        (["distill", "split"], "--out DIR is required"),
+    ]
+    for argv, what in cases:
+        r = _lapsam(*argv, cwd=tmp_path)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2, (argv, r.stdout, r.stderr)
+        assert r.stdout == "", (argv, r.stdout)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and what in lines[0], (argv, r.stderr)
+    assert not (tmp_path / "o").exists()
 
 
 def test_core_and_runtime_do_not_import_torch() -> None:
     code = (
-        "import sys, lapsam, lapsam.case, lapsam.io, lapsam.manifest, lapsam.preprocess, lapsam.cli, lapsam.runtime\n"
+        "import sys, lapsam, lapsam.case, lapsam.writers, lapsam.manifest, lapsam.preprocess, lapsam.cli, lapsam.runtime\n"
+        "import lapsam.runtime.predictor, lapsam.runtime.run, lapsam.runtime.engines\n"
+        "parts = sorted(m for m in sys.modules if m.startswith(('lapsam.distill', 'lapsam.export')))\n"
         "from lapsam.cli import build_parser; build_parser()\n"
         "heavy = sorted(m for m in ('torch', 'timm', 'sam2', 'torchvision', 'onnx') if m in sys.modules)\n"
-        "print(','.join(heavy))\n"
+        "print(','.join(parts + heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"torch-free path imported: {out}"
+
+
+def test_pyproject_lists_every_package() -> None:
+    """A non-editable wheel holds only the packages pyproject names: every folder of a part with an
+    ``__init__.py`` (e.g. ``distill/modeling``) must be listed."""
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[1]
+    tool = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    for name, folder in tool["package-dir"].items():
+        for init in (repo / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(repo / folder)
+            pkg = ".".join((name, *rel.parts))
+            assert pkg in listed, f"{pkg} ({init.parent}) missing from [tool.setuptools] packages"
 
 
 def test_console_script_help() -> None:

@@ -14,19 +14,19 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from lapsam.distill.data import (  # noqa: E402
+    AugmentConfig,
     CaseFiles,
     CaseStore,
     FinetuneItemConfig,
+    PromptConfig,
     PromptSliceDataset,
     SliceRef,
-    AugmentConfig,
-    PromptConfig,
     case_group,
     case_patient,
     modality_weights,
     split_cases,
 )
-from lapsam.distill.model import BoxPrior  # noqa: E402
+from lapsam.distill.modeling import BoxPrior  # noqa: E402
 from lapsam.manifest import Preprocessing  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def test_box_prior_matches_a_direct_loop_and_skips_click_only_prompts():
 
 
 def test_exported_decoder_applies_the_same_prior_and_minus_one_boxes_mean_clicks_only(tmp_path):
-    from lapsam.distill.model import LapSamConfig, StudentConfig, build_lapsam
+    from lapsam.distill.modeling import LapSamConfig, StudentConfig, build_lapsam
     from lapsam.export.graphs import DecoderGraph, example_decoder_inputs
 
     torch.manual_seed(0)

@@ -7,8 +7,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from lapsam.distill.model import LapSam, LapSamConfig, StudentConfig, build_prompt_heads  # noqa: E402
-from lapsam.distill.student import build_student, param_count  # noqa: E402
+from lapsam.distill.modeling import (  # noqa: E402
+    LapSam,
+    LapSamConfig,
+    StudentConfig,
+    build_prompt_heads,
+    build_student,
+    param_count,
+)
 from lapsam.distill.teacher import Teacher, feature_shapes, match_grid  # noqa: E402
 
 torch.set_num_threads(2)

@@ -25,10 +25,10 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def test_stage1_feature_mse_falls_on_held_out_slices(tmp_path: Path, imgs_dir: Path) -> None:
     from lapsam.distill import encoder_stage
-    from lapsam.distill.engine import build_model
     from lapsam.distill.feature_cache import FeatureCache
-    from lapsam.distill.model import load_lapsam
+    from lapsam.distill.modeling import load_lapsam
     from lapsam.distill.teacher import Teacher
+    from lapsam.distill.trainer import build_model
 
     train = [imgs_dir / f"{n}.npz" for n in ("2DBox_CT_amos_0004_75", "2DBox_CT_amos_0006_90",
                                              "3DBox_CT_TotalSegSmall", "3DBox_MR_Breast1")]
@@ -128,7 +128,7 @@ def test_ddp_gloo_identical_ranks_and_exact_resume(tmp_path: Path, imgs_dir: Pat
     assert p0.keys() == p1.keys()
     for k in p0:
         assert torch.equal(p0[k], p1[k]), k
-    init = __import__("lapsam.distill.engine", fromlist=["build_model"]).build_model(
+    init = __import__("lapsam.distill.trainer", fromlist=["build_model"]).build_model(
         load_config(FinetuneConfig, None, ["model.init_checkpoint=null", "model.backbone=efficientvit_b0",
                                            "model.input_size=128"]).model, 0).state_dict()
     assert any(not torch.equal(init[k], p0[k]) for k in p0)  # training changed the weights

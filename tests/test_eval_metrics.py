@@ -23,8 +23,8 @@ from lapsam.eval.metrics import (
 )
 
 from lapsam.cli import main
-from lapsam.io import atomic_savez, write_segs
 from lapsam.safe_npz import load_npz
+from lapsam.writers import atomic_savez, write_segs
 
 CH = MetricsConfig("challenge")
 EX = MetricsConfig("exact")

@@ -38,7 +38,7 @@ def _threads():
 
 @pytest.fixture(scope="module")
 def model(small_checkpoint: Path):
-    from lapsam.distill.model import load_lapsam
+    from lapsam.distill.modeling import load_lapsam
 
     return load_lapsam(small_checkpoint)
 
@@ -169,7 +169,7 @@ def test_corrupted_file_detected(small_model_dir: Path, tmp_path: Path, rel: str
 
 
 def test_export_is_deterministic(small_checkpoint: Path, small_model_dir: Path, tmp_path: Path) -> None:
-    from lapsam.export.api import export_model
+    from lapsam.export.exporter import export_model
 
     out = tmp_path / small_model_dir.name  # same name: the manifest records it
     m = export_model(small_checkpoint, out, backends=("onnx", "openvino"), precisions=("fp32",))
@@ -235,8 +235,8 @@ def test_export_check_fails_on_wrong_model(small_model_dir: Path, case_copy, tmp
 
 
 def test_check_refuses_other_checkpoint(small_model_dir: Path, tmp_path: Path, case_copy) -> None:
-    from lapsam.export.api import ExportError
     from lapsam.export.check import run_check
+    from lapsam.export.exporter import ExportError
 
     bogus = tmp_path / "bogus.pt"
     bogus.write_bytes(b"not the checkpoint")
@@ -249,8 +249,8 @@ def test_check_refuses_other_checkpoint(small_model_dir: Path, tmp_path: Path, c
 
 @pytest.mark.slow
 def test_int8_openvino_encoder(small_checkpoint: Path, case_copy, tmp_path: Path) -> None:
-    from lapsam.export.api import export_model
     from lapsam.export.check import run_check
+    from lapsam.export.exporter import export_model
 
     cases = case_copy(CASE_2D, CASE_3D)
     out = tmp_path / "q"
@@ -272,8 +272,8 @@ def test_int8_openvino_encoder(small_checkpoint: Path, case_copy, tmp_path: Path
 
 
 def test_export_errors_leave_output_untouched(small_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
-    from lapsam.export import api
-    from lapsam.export.api import ExportError, export_model
+    from lapsam.export import exporter
+    from lapsam.export.exporter import ExportError, export_model
 
     with pytest.raises(ExportError, match="calib"):
         export_model(small_checkpoint, tmp_path / "a", int8=True)
@@ -293,7 +293,7 @@ def test_export_errors_leave_output_untouched(small_checkpoint: Path, tmp_path: 
     def boom(*a, **k):
         raise RuntimeError("conversion failed")
 
-    monkeypatch.setattr(api, "export_decoder_files", boom)
+    monkeypatch.setattr(exporter, "export_decoder_files", boom)
     with pytest.raises(RuntimeError):
         export_model(small_checkpoint, out, backends=("onnx",), simplify=False)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

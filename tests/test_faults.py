@@ -22,8 +22,8 @@ import pytest
 from lapsam.case import load_case
 from lapsam.cli import main
 from lapsam.errors import CaseError
-from lapsam.io import atomic_savez, write_segs
 from lapsam.safe_npz import load_npz
+from lapsam.writers import atomic_savez, write_segs
 
 CASE_2D = "2DBox_CT_amos_0004_75"
 
@@ -128,7 +128,7 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {tests!r})
 from test_faults import FakePredictor
 from lapsam.runtime import run
-import lapsam.io as lio
+from lapsam import writers
 
 def load(cls, *a, **k):
     print("MODEL LOADED", flush=True)
@@ -140,13 +140,13 @@ _calls = [0]
 def atomic_savez(path, compressed=True, **arrays):
     _calls[0] += 1
     n = _calls[0]
-    with lio.atomic_write(path) as fp:
+    with writers.atomic_write(path) as fp:
         np.savez_compressed(fp, **arrays)
         fp.flush()
 {hook}
     return path
 
-lio.atomic_savez = atomic_savez
+writers.atomic_savez = atomic_savez
 from lapsam.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
@@ -324,20 +324,20 @@ def test_inspect_overflowing_2025_values_are_case_errors(tmp_path: Path, capsys)
 
 
 def test_inspect_unexpected_exception_is_that_case_error(tmp_path: Path, capsys, monkeypatch) -> None:
-    from lapsam import datacli
+    from lapsam import data_cli
 
     d = tmp_path / "cases"
     d.mkdir()
     _save_2d(d / "2DBox_US_a.npz")
     _save_2d(d / "2DBox_US_b.npz")
-    real = datacli.load_case
+    real = data_cli.load_case
 
     def flaky(path):
         if Path(path).name == "2DBox_US_a.npz":
             raise RuntimeError("something unforeseen")
         return real(path)
 
-    monkeypatch.setattr(datacli, "load_case", flaky)
+    monkeypatch.setattr(data_cli, "load_case", flaky)
     assert main(["data", "inspect", str(d)]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "2DBox_US_a.npz: ERROR RuntimeError: something unforeseen"
@@ -437,7 +437,7 @@ def test_signal_mid_write_leaves_no_temp_and_prints_a_summary(tmp_path: Path, si
 
 
 def test_sigkill_mid_write_then_rerun_is_complete_and_clean(tmp_path: Path) -> None:
-    from lapsam.io import stale_temp_files
+    from lapsam.writers import stale_temp_files
 
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()

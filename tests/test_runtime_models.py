@@ -173,7 +173,7 @@ def _torch_reference(model, case, pp, frac: float, pad: int) -> np.ndarray:
 def test_matches_torch_reference_on_2d(small_model_dir: Path, small_checkpoint: Path, imgs_dir: Path, name: str):
     """segs from the exported model == an independent torch pipeline on the PyTorch model, label by label."""
     pytest.importorskip("torch")
-    from lapsam.distill.model import load_lapsam
+    from lapsam.distill.modeling import load_lapsam
 
     case = load_case(imgs_dir / f"{name}.npz")
     pred = Predictor.from_model_dir(small_model_dir, backend="onnxruntime", threads=1)

@@ -15,7 +15,7 @@ import pytest
 
 from lapsam.case import load_case
 from lapsam.cli import main
-from lapsam.io import atomic_savez
+from lapsam.writers import atomic_savez
 
 nib = pytest.importorskip("nibabel")
 sitk = pytest.importorskip("SimpleITK")

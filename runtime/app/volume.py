@@ -42,7 +42,7 @@ import numpy as np
 
 from lapsam.case import Case, load_case, segs_dtype
 from lapsam.errors import CaseError, LapsamError, UsageError
-from lapsam.io import atomic_write
+from lapsam.writers import atomic_write
 
 log = logging.getLogger(__name__)
 

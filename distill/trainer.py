@@ -31,7 +31,15 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import ModelSection, TrainSection, config_to_dict
-from .model import LapSam, LapSamConfig, StudentConfig, build_lapsam, load_checkpoint_dict, save_checkpoint
+from .modeling import (
+    LapSam,
+    LapSamConfig,
+    StudentConfig,
+    build_lapsam,
+    load_checkpoint_dict,
+    param_count,
+    save_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +112,6 @@ def build_model(m: ModelSection, seed: int) -> LapSam:
             raise ValueError(f"{m.init_checkpoint}: does not fit model {m.backbone}@{m.input_size}: {str(exc)[:200]}") from None
         log.info("initialised from %s", m.init_checkpoint)
     return model
-
-
-def param_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def make_scheduler(opt: torch.optim.Optimizer, t: TrainSection, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -1,4 +1,8 @@
-"""``lapsam data ...``: look at challenge cases."""
+"""``lapsam data ...``: look at challenge cases (``inspect``) and convert them to the 2025 format (``to2025``).
+
+Errors that stop a command are raised as :class:`~lapsam.errors.UsageError`: ``lapsam`` reports them
+as one ``error: MESSAGE`` line on stderr (exit 2), like every command.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .case import list_cases, load_case
-from .errors import CaseError
+from .case import load_case, require_cases
+from .errors import CaseError, UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,15 +51,7 @@ def _line(s: dict) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     files = []
     for path in args.paths:
-        try:
-            found = list_cases(path)
-        except FileNotFoundError as exc:
-            print(f"error: {exc}")
-            return 2
-        if not found:
-            print(f"error: {path}: no .npz files")
-            return 2
-        files.extend(found)
+        files.extend(require_cases(path))
     failed = 0
     for f in files:
         try:
@@ -95,14 +91,11 @@ def cmd_to2025(args: argparse.Namespace) -> int:
     from .format2025 import convert_to_2025
 
     if not args.input.exists():
-        print(f"error: {args.input} does not exist")
-        return 2
+        raise UsageError(f"{args.input} does not exist")
     if args.gts is not None and not args.gts.is_dir():
-        print(f"error: reference folder {args.gts} does not exist")
-        return 2
+        raise UsageError(f"reference folder {args.gts} does not exist")
     if args.box_shift < 0:
-        print("error: --box-shift must be >= 0")
-        return 2
+        raise UsageError("--box-shift must be >= 0")
     s = convert_to_2025(args.input, args.output, args.gts, max_shift=args.box_shift, seed=args.seed,
                         progress=not getattr(args, "quiet", False))
     for name in s.written:
@@ -110,7 +103,7 @@ def cmd_to2025(args: argparse.Namespace) -> int:
     for name, why in s.skipped.items():
         print(f"{name}: skipped ({why})")
     for name, why in s.failed.items():
-        print(f"{name}: ERROR {why}")
+        print(f"FAILED {name}: {why}")  # the summary form of lapsam predict
     print(f"{len(s.written)} written to {args.output}/imgs and {args.output}/gts, {len(s.skipped)} skipped, "
           f"{len(s.failed)} failed")
     return 1 if s.failed else 0

@@ -260,7 +260,7 @@ def export_model(
     cases in ``calib_cases`` (required then).
     """
     import torch
-    from lapsam.distill.model import load_lapsam
+    from lapsam.distill.modeling import load_lapsam
 
     from .graphs import DecoderGraph, EncoderGraph
 
