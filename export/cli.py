@@ -75,6 +75,16 @@ def _add_export_options(p: argparse.ArgumentParser) -> None:
                    "leaves outputs unchanged)")
 
 
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return v
+
+
 def register(subparsers) -> None:  # type: ignore[no-untyped-def]
     p = subparsers.add_parser(
         "export",
@@ -101,6 +111,9 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
     m.add_argument("--calib-cases", type=Path, default=None,
                    help="folder of challenge .npz cases whose slices calibrate the INT8 encoder")
     m.add_argument("--calib-images", type=positive_int, default=32, help="number of calibration slices (default: 32)")
+    m.add_argument("--min-mask-fill", type=_fraction, default=None, metavar="F",
+                   help="2D boxes: a mask covering less than this fraction of its box is replaced by the box "
+                   "(recorded in the manifest's preprocessing; default: 0, off)")
     m.set_defaults(func=_cmd_export)
 
     c = sub.add_parser(
@@ -165,6 +178,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         simplify=args.simplify,
         name=args.name,
         calib_max_images=args.calib_images,
+        min_mask_fill=args.min_mask_fill,
     )
     _print_manifest(args.out, manifest)
     return 0

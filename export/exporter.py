@@ -18,6 +18,7 @@ export leaves the previous contents of ``out_dir`` untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pickle
@@ -252,6 +253,7 @@ def export_model(
     simplify: bool = True,
     name: str | None = None,
     calib_max_images: int = 32,
+    min_mask_fill: float | None = None,
 ) -> ModelManifest:
     """Export a LapSam checkpoint to ``out_dir`` and return the manifest written there.
 
@@ -284,6 +286,8 @@ def export_model(
         raise ExportError(f"{checkpoint}: cannot load as a lapsam checkpoint: {first}") from None
     cfg = model.config
     pp: Preprocessing = model.preprocessing
+    if min_mask_fill is not None:  # a post-processing rule of this export (Preprocessing.min_mask_fill)
+        pp = dataclasses.replace(pp, min_mask_fill=float(min_mask_fill))
     s = pp.input_size
     name = name or out_dir.name
     ckpt_sha = sha256_file(checkpoint)

@@ -71,6 +71,9 @@ class Preprocessing:
     box's longer side, at least ``crop_min_px`` pixels, so a small object is enlarged to fill
     the input); boxes whose window would cover at least ``crop_shared_frac`` of the image share
     one encoding of the union window (:func:`lapsam.preprocess.box_windows`).
+    ``min_mask_fill`` > 0 (a post-processing rule of the export): on 2D boxes, a mask that covers
+    less than this fraction of its box is replaced by the whole box (the model is unsure, and
+    the box is the safer answer); 0: off.
     """
 
     input_size: int = 1024
@@ -82,12 +85,15 @@ class Preprocessing:
     crop_mode: str = "union"
     crop_min_px: int = 64
     crop_shared_frac: float = 0.5
+    min_mask_fill: float = 0.0
 
     def __post_init__(self) -> None:
         if self.crop_context < 0:
             raise ValueError(f"crop_context must be >= 0, got {self.crop_context}")
         if self.crop_mode not in CROP_MODES:
             raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
+        if not 0.0 <= self.min_mask_fill <= 1.0:
+            raise ValueError(f"min_mask_fill must lie in [0, 1], got {self.min_mask_fill}")
         if self.crop_min_px < 1 or not 0 < self.crop_shared_frac <= 1:
             raise ValueError(f"crop_min_px must be >= 1 and crop_shared_frac in (0, 1]; got "
                              f"{self.crop_min_px}, {self.crop_shared_frac}")

@@ -61,11 +61,12 @@ falls back to the last prompt of that sweep (``follow_prompt``).
 
 Slices no pending click reaches keep ``prev_pred`` exactly.
 
-Crop (2024 cases, models exported with ``Preprocessing.crop_context`` > 0, such as the
-default model): the case is first cropped to one window around the union of its boxes
-(:mod:`lapsam.runtime.crop`), segmented as above, and pasted back, so small objects in
-large images keep their pixels. The window is fixed per case: each slice is still encoded
-once.
+Crop (models exported with ``Preprocessing.crop_context`` > 0, such as the default model):
+the boxes are grouped into crop windows by :func:`lapsam.preprocess.box_windows` (one window
+around their union, or with ``crop_mode="box"`` one per small box and one shared window for
+the large ones; :mod:`lapsam.runtime.crop`); each group is segmented as above on its window
+(2024 boxes, and the sweeps of 2025 boxes) and pasted back, so small objects keep their
+pixels. Each window is encoded once per slice it needs. Clicks refine on the whole slice.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ from lapsam.preprocess import (
 
 from .cache import EmbeddingCache
 from .cpus import available_cpus, limit_blas_threads
-from .crop import case_window, crop_case, paste
+from .crop import case_windows, crop_case, paste_labels, shift_boxes, volume_windows
 from .engines import CallStats, CountingEngine, Engine, EngineOptions, Feats, load_engine
 from .interactive import (
     ClassPrompt,
@@ -155,7 +156,7 @@ class CaseReport:
     skipped_boxes: dict[int, str] = field(default_factory=dict)
     empty_fallbacks: int = 0  # 3D: prompts that fell back to the given box (on_empty="box")
     stopped: int = 0  # 3D: propagations ended by an empty mask (on_empty="stop")
-    slices_needed: int = 0  # 3D: size of the union of the boxes' z-ranges
+    slices_needed: int = 0  # 3D: size of the union of the boxes' z-ranges (summed over crop windows)
     reencoded: int = 0  # 3D: slices encoded twice because the cache limit was hit
     cache_peak_slices: int = 0
     cache_peak_mb: float = 0.0
@@ -269,11 +270,24 @@ class Predictor:
                                       np.ascontiguousarray(pl), mi, hm)
         return masks.reshape(masks.shape[-2], masks.shape[-1])
 
-    def _paste(self, seg2d: np.ndarray, logits: np.ndarray, tf: Transform, box_xy: np.ndarray, label: int) -> tuple[int, int, int, int] | None:
-        """Threshold one box's logits on its window, write ``label`` where it wins; return the mask bbox."""
+    def _paste(self, seg2d: np.ndarray, logits: np.ndarray, tf: Transform, box_xy: np.ndarray, label: int,
+               fill_box: bool = False) -> tuple[int, int, int, int] | None:
+        """Threshold one box's logits on its window, write ``label`` where it wins; return the mask bbox.
+
+        ``fill_box`` (2D boxes, manifest ``min_mask_fill`` > 0): a mask covering less than that
+        fraction of its box becomes the whole box.
+        """
         h, w = seg2d.shape
         rows, cols = _window(box_xy, h, w, self.config.window_pad_frac, self.config.window_pad_px)
         m = upsample_logits(logits[None], tf, rows, cols)[0] > self.pp.mask_threshold
+        if fill_box and self.pp.min_mask_fill > 0:
+            x0, y0, x1, y1 = (int(v) for v in box_xy[:4])
+            x0, y0 = max(x0, cols.start), max(y0, rows.start)
+            x1, y1 = min(x1, cols.stop - 1), min(y1, rows.stop - 1)
+            inside = m[y0 - rows.start: y1 - rows.start + 1, x0 - cols.start: x1 - cols.start + 1]
+            if inside.size and inside.sum() < self.pp.min_mask_fill * inside.size:
+                m[:] = False
+                inside[:] = True
         if not m.any():
             return None
         sub = seg2d[rows, cols]
@@ -312,9 +326,6 @@ class Predictor:
             for i, msg in case.box_errors.items():
                 log.warning("%s: box %d skipped: %s", case.name, i + 1, msg)
             return segs
-        win = case_window(case, self.pp)
-        if win is not None:  # a model trained with crop_context: segment the window around the boxes
-            return paste(case, self.predict(crop_case(case, win)), win)
         t = time.perf_counter()
         self.stats.reset()
         report = CaseReport(name=case.name, skipped_boxes=dict(case.box_errors))
@@ -324,10 +335,16 @@ class Predictor:
             log.warning("%s: clicks are only used on 3D cases", case.name)
         segs = case.empty_segs()
         if case.valid_box_indices:
-            if case.is_3d:
-                self._predict_3d(case, segs, report)
-            else:
-                self._predict_2d(case, segs)
+            # a model trained with crop_context: each group of boxes on its own window
+            for win, idx in case_windows(case, self.pp):
+                sub = crop_case(case, win) if win is not None else case
+                sub_segs = sub.empty_segs() if win is not None else segs
+                if case.is_3d:
+                    self._predict_3d(sub, sub_segs, report, idx)
+                else:
+                    self._predict_2d(sub, sub_segs, idx)
+                if win is not None:
+                    paste_labels(segs, sub_segs, win)
         self._finish(report, t)
         return segs
 
@@ -373,7 +390,16 @@ class Predictor:
             boxes = np.array([[p.box.x_min, p.box.y_min, p.box.z_min, p.box.x_max, p.box.y_max, p.box.z_max]
                               for p in sweep], np.int64)
             mid = np.array([p.box.z_mid for p in sweep], np.int64)
-            self._sweep(vol, boxes, mid, [p.label for p in sweep], segs, report, follow_prompt=True)
+            labels = [p.label for p in sweep]
+            for win, idx in volume_windows(boxes, shape[1], shape[2], self.pp):
+                if win is None:
+                    self._sweep(vol, boxes[idx], mid[idx], [labels[j] for j in idx], segs, report, follow_prompt=True)
+                    continue
+                y0, y1, x0, x1 = win
+                sub_segs = np.zeros((shape[0], y1 - y0, x1 - x0), dt)
+                self._sweep(vol[:, y0:y1, x0:x1], shift_boxes(boxes[idx], win, True), mid[idx],
+                            [labels[j] for j in idx], sub_segs, report, follow_prompt=True)
+                paste_labels(segs, sub_segs, win)
         todo = [(p, pend) for p in prompts if (pend := pending_clicks(p, segs))]
         if todo:
             cache = EmbeddingCache(int(self.config.cache_limit_mb * 2**20), fp16=self.config.cache_fp16)
@@ -391,15 +417,14 @@ class Predictor:
         self.last_report = report
 
     # ---- 2D ---------------------------------------------------------------------------
-    def _predict_2d(self, case: Case, segs: np.ndarray) -> None:
+    def _predict_2d(self, case: Case, segs: np.ndarray, idx: list[int]) -> None:
         feats, tf = self._encode(case.image)
-        idx = case.valid_box_indices
         step = self.config.decoder_batch
         for s in range(0, len(idx), step):
             chunk = idx[s : s + step]
             logits = self._decode(feats, transform_boxes(case.boxes[chunk], tf))
             for j, i in enumerate(chunk):
-                self._paste(segs, logits[j], tf, case.boxes[i], i + 1)
+                self._paste(segs, logits[j], tf, case.boxes[i], i + 1, fill_box=True)
 
     # ---- 3D ---------------------------------------------------------------------------
     def mid_slices(self, case: Case) -> np.ndarray:
@@ -408,8 +433,7 @@ class Predictor:
             return np.asarray(case.box_mid_z, np.int64)
         return (b[:, 2] + b[:, 5]) // 2
 
-    def _predict_3d(self, case: Case, segs: np.ndarray, report: CaseReport) -> None:
-        valid = case.valid_box_indices
+    def _predict_3d(self, case: Case, segs: np.ndarray, report: CaseReport, valid: list[int]) -> None:
         self._sweep(case.image, case.boxes[valid], self.mid_slices(case)[valid], [i + 1 for i in valid], segs, report,
                     follow_prompt=False)
 
@@ -427,7 +451,7 @@ class Predictor:
         up_slices = sorted({z for b in valid for z in range(int(mid[b]), int(z1[b]) + 1)})
         down_slices = sorted({z for b in valid for z in range(int(z0[b]), int(mid[b]))}, reverse=True)
         down_set = set(down_slices)
-        report.slices_needed = len(set(up_slices) | down_set)
+        report.slices_needed += len(set(up_slices) | down_set)
         cache = EmbeddingCache(int(cfg.cache_limit_mb * 2**20), fp16=cfg.cache_fp16)
         tf = get_transform((h, w), self.pp)
         given = {b: boxes[b, [0, 1, 3, 4]].astype(np.float32) for b in valid}

@@ -150,7 +150,9 @@ class Segmenter:
         Models exported with ``crop_context`` > 0 (the default model) see, for a box, a crop around
         it (``lapsam.runtime.crop``): each new region is encoded; only the same window is reused.
         """
-        return self.pp.crop_context > 0 and max(image.shape[:2]) > self.pp.input_size
+        if self.pp.crop_context <= 0:
+            return False
+        return self.pp.crop_mode == "box" or max(image.shape[:2]) > self.pp.input_size
 
     def encode_slice(self, image: np.ndarray) -> bool:
         """Encode one uint8 slice (H, W) / (H, W, 3) into the cache; False when cached or when the model crops."""
