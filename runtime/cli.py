@@ -86,18 +86,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_engine_args(p)
     p.add_argument("--decoder-batch", type=positive_int, default=16, help="boxes per decoder call (default 16)")
     add_propagation_args(p)
-    p.set_defaults(func=cmd_predict)
+    p.add_argument("--timings", action="store_true",
+                   help="print the time of each phase (imports, model load steps, read, encoder, decoder, "
+                        "write) to stderr, plus one timings-json line; LAPSAM_TIMINGS=1 does the same")
+    p.set_defaults(func=cmd_predict, exit_fast=True)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .engines import read_manifest
-    from .run import predict_folder
+    from lapsam import timings
+
+    with timings.phase("imports: runtime (numpy, lapsam.runtime)"):
+        from .engines import read_manifest
+        from .run import predict_folder
 
     model = args.model or default_model_dir()
-    read_manifest(model)  # a folder that is not a model: one error line, exit code 2
+    with timings.phase("model folder check (manifest.json)"):
+        read_manifest(model)  # a folder that is not a model: one error line, exit code 2
     opts = engine_options(args, decoder_batch=args.decoder_batch, margin_px=args.margin, on_empty=args.on_empty,
                           progress=not args.no_progress)
-    summary = predict_folder(args.input, args.output, model, opts)
+    # The loaded engines stay referenced from args until the process ends: `lapsam predict` run as a
+    # program then exits without tearing them down (lapsam.cli.main, exit_fast).
+    args.keep_alive = []
+    summary = predict_folder(args.input, args.output, model, opts, on_loaded=args.keep_alive.append)
     print("\n".join(summary.lines()))
     return summary.exit_code
 

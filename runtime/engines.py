@@ -15,7 +15,8 @@ module, so the parity check runs the code that ships. Two levels:
 
 Backends are named ``openvino`` and ``onnxruntime`` (the manifest records ONNX files as
 ``onnx``; that word is accepted as an alias). Both are imported lazily, never torch. Every
-file is checked against its sha256 before it is loaded; each model is loaded/compiled once.
+file is checked against its sha256 before it is loaded (unless the image build already checked
+it: :mod:`lapsam.runtime.verified`); each model is loaded/compiled once.
 
 ONNX Runtime: worker threads do not spin while idle (``EngineOptions.ort_spinning=False``):
 between engine calls the runtime does numpy work (resizing, mask upsampling) on the same few
@@ -24,6 +25,7 @@ CPUs, and spinning workers would compete with it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -34,6 +36,7 @@ from typing import Protocol
 
 import numpy as np
 
+from lapsam import timings
 from lapsam.errors import LapsamError, UsageError
 from lapsam.manifest import (
     DECODER_INPUTS,
@@ -48,12 +51,22 @@ from lapsam.manifest import (
 
 from .backends import BACKENDS, OV_PRECISIONS, backend_name, file_backend
 from .cpus import available_cpus
+from .verified import verified_at_build
 
 log = logging.getLogger(__name__)
 
 Feats = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 OV_CACHE_ENV = "LAPSAM_OV_CACHE_DIR"
+#: OpenVINO's CACHE_MODE for that cache: OPTIMIZE_SPEED (OpenVINO's default: the blob holds the
+#: compiled weights) or OPTIMIZE_SIZE (the blob holds no weights, about 1 MB: they are read from
+#: the IR's .bin at load; not every graph loads back from such a blob). A blob is only loaded in
+#: the mode it was made in (in the other, OpenVINO compiles and rewrites it).
+OV_CACHE_MODE_ENV = "LAPSAM_OV_CACHE_MODE"
+OV_CACHE_MODES = ("OPTIMIZE_SPEED", "OPTIMIZE_SIZE")
+#: In a cache folder: {role: CACHE_MODE}, the mode each graph's blob was made in (written by the
+#: submission image's warm-up, which keeps OPTIMIZE_SIZE where the graph loads back from it).
+OV_CACHE_MODES_FILE = "lapsam-cache-modes.json"
 
 
 def cpu_has_bf16() -> bool:
@@ -107,6 +120,7 @@ class EngineOptions:
     precision: str = "fp32"  # which exported files: fp32 | fp16 | int8 (a missing decoder falls back to fp32)
     threads: int | None = None  # None: the CPUs available to this process
     cache_dir: str | None = None  # OpenVINO CACHE_DIR; default: env LAPSAM_OV_CACHE_DIR
+    cache_mode: str | None = None  # OpenVINO CACHE_MODE (OV_CACHE_MODES); default: env LAPSAM_OV_CACHE_MODE, else OpenVINO's
     precision_hint: str | None = None  # OpenVINO execution precision f32 | bf16 (None: the plugin's default)
     ort_spinning: bool = False  # ONNX Runtime: idle worker threads busy-wait (session.intra_op.allow_spinning)
     verify: bool = True  # check the sha256 of every file before loading it
@@ -117,6 +131,8 @@ class EngineOptions:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.precision_hint is not None and self.precision_hint not in OV_PRECISIONS:
             raise ValueError(f"OpenVINO precision must be one of {OV_PRECISIONS}, got {self.precision_hint!r}")
+        if self.cache_mode is not None and self.cache_mode not in OV_CACHE_MODES:
+            raise ValueError(f"OpenVINO cache mode must be one of {OV_CACHE_MODES}, got {self.cache_mode!r}")
 
 
 @dataclass
@@ -199,12 +215,16 @@ class OrtGraph:
         return [np.asarray(o, np.float32) for o in out]
 
 
-def _ov_compile(core, path: Path, config: dict[str, object], cache_dir: str | None):  # type: ignore[no-untyped-def]
+def _ov_compile(core, path: Path, config: dict[str, object], cache_dir: str | None,  # type: ignore[no-untyped-def]
+                cache_mode: str | None = None):
     """Compile with CACHE_DIR if one is set; a cache that cannot be used falls back to a plain compile."""
     if cache_dir:
         try:
             os.makedirs(cache_dir, exist_ok=True)
-            return core.compile_model(str(path), "CPU", {**config, "CACHE_DIR": str(cache_dir)})
+            extra: dict[str, object] = {"CACHE_DIR": str(cache_dir)}
+            if cache_mode:
+                extra["CACHE_MODE"] = cache_mode
+            return core.compile_model(str(path), "CPU", {**config, **extra})
         except Exception as exc:  # noqa: BLE001 - any cache problem must not stop inference
             log.warning("OpenVINO cache %s unusable (%s); compiling without it", cache_dir, exc)
     return core.compile_model(core.read_model(str(path)), "CPU", config)
@@ -214,14 +234,15 @@ class OvGraph:
     """One OpenVINO compiled model on the CPU (LATENCY hint) with one reused infer request."""
 
     def __init__(self, path: str | Path, threads: int, precision_hint: str | None = None,
-                 cache_dir: str | None = None, core=None):  # type: ignore[no-untyped-def]
+                 cache_dir: str | None = None, core=None, cache_mode: str | None = None):  # type: ignore[no-untyped-def]
         import openvino as ov
 
         self.path = Path(path)
         config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(threads)}
         if precision_hint:
             config["INFERENCE_PRECISION_HINT"] = precision_hint
-        self.compiled = _ov_compile(core or ov.Core(), self.path, config, cache_dir)
+        self.compiled = _ov_compile(core or ov.Core(), self.path, config, cache_dir, cache_mode)
+        self.loaded_from_cache = _loaded_from_cache(self.compiled)
         self.request = self.compiled.create_infer_request()
         self.inputs = {p.get_any_name(): np.dtype(p.get_element_type().to_dtype()) for p in self.compiled.inputs}
         self.output_names = [o.get_any_name() for o in self.compiled.outputs]
@@ -230,6 +251,38 @@ class OvGraph:
         self.request.infer(_feed(self, feeds, self.path), share_inputs=True)
         # copies: the request's output buffers are reused by the next call
         return [np.array(self.request.get_tensor(n).data, np.float32) for n in (outputs or self.output_names)]
+
+
+def ov_cache_mode(role: str, cache_dir: str, explicit: str | None = None) -> str | None:
+    """The CACHE_MODE to compile ``role``'s graph with: ``explicit`` (EngineOptions.cache_mode, else
+    $LAPSAM_OV_CACHE_MODE), else the cache folder's :data:`OV_CACHE_MODES_FILE`, else OpenVINO's default."""
+    if explicit:
+        return explicit
+    try:
+        mode = json.loads((Path(cache_dir) / OV_CACHE_MODES_FILE).read_text()).get(role)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return mode if mode in OV_CACHE_MODES else None
+
+
+def _loaded_from_cache(compiled) -> bool | None:  # type: ignore[no-untyped-def]
+    """Whether OpenVINO imported this model from its CACHE_DIR (None: it cannot tell)."""
+    try:
+        return bool(compiled.get_property("LOADED_FROM_CACHE"))
+    except Exception:  # noqa: BLE001 - an older OpenVINO without the property
+        return None
+
+
+def check_files(model_dir: str | Path, entry: ModelFile) -> None:
+    """``entry``'s files against their sha256, unless the image build checked them
+    (:func:`lapsam.runtime.verified.verified_at_build`); a mismatch raises ModelIntegrityError."""
+    t = time.time()
+    if verified_at_build(model_dir, entry):
+        log.debug("%s: sha256 checked at image build (size and mtime unchanged)", entry.path)
+        timings.record(f"model load: {entry.role} hash check skipped (verified at build)", t, time.time())
+        return
+    verify_file(model_dir, entry)
+    timings.record(f"model load: {entry.role} hash check (sha256)", t, time.time())
 
 
 def open_graph(model_dir: str | Path, entry: ModelFile, opts: EngineOptions | None = None,
@@ -242,13 +295,21 @@ def open_graph(model_dir: str | Path, entry: ModelFile, opts: EngineOptions | No
     opts = opts or EngineOptions(backend=entry.backend)
     model_dir = Path(model_dir)
     if opts.verify:
-        verify_file(model_dir, entry)
+        check_files(model_dir, entry)
     n = int(threads or opts.threads or available_cpus())
     path = model_dir / entry.path
+    t = time.time()
     if entry.backend == "onnx":
-        return OrtGraph(path, n, opts.ort_spinning)
+        graph: Graph = OrtGraph(path, n, opts.ort_spinning)
+        timings.record(f"model load: {entry.role} session (onnxruntime)", t, time.time())
+        return graph
     cache_dir = opts.cache_dir or os.environ.get(OV_CACHE_ENV) or None
-    return OvGraph(path, n, opts.precision_hint, cache_dir, core)
+    cache_mode = (ov_cache_mode(entry.role, cache_dir, opts.cache_mode or os.environ.get(OV_CACHE_MODE_ENV))
+                  if cache_dir else None)
+    ov_graph = OvGraph(path, n, opts.precision_hint, cache_dir, core, cache_mode)
+    how = {True: "from cache", False: "compiled"}.get(ov_graph.loaded_from_cache, "compile") if cache_dir else "compiled"
+    timings.record(f"model load: {entry.role} compile ({how})", t, time.time())
+    return ov_graph
 
 
 # ---- engines ----------------------------------------------------------------------------------
@@ -296,9 +357,10 @@ def load_engine(model_dir: str | Path, manifest: ModelManifest, opts: EngineOpti
     enc, dec = select_files(manifest, opts.backend, opts.precision)
     core = None
     if opts.backend == "openvino":
-        import openvino as ov
-
-        core = ov.Core()  # one core for both graphs
+        with timings.phase("model load: import openvino"):
+            import openvino as ov
+        with timings.phase("model load: openvino Core()"):
+            core = ov.Core()  # one core for both graphs
     return GraphEngine(open_graph(model_dir, enc, opts, threads, core), open_graph(model_dir, dec, opts, threads, core))
 
 
@@ -316,6 +378,7 @@ __all__ = [
     "OrtGraph",
     "OvGraph",
     "backend_name",
+    "check_files",
     "cpu_has_bf16",
     "file_backend",
     "load_engine",

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lapsam import timings
 from lapsam.case import load_case, require_cases
 from lapsam.errors import CaseError, Terminated
 from lapsam.writers import check_output_dir, remove_stale_temp_files, write_segs
@@ -110,31 +111,36 @@ def sigterm_as_exception() -> Iterator[None]:
 
 def predict_folder(input_dir: str | Path, output_dir: str | Path, model_dir: str | Path, opts: PredictOptions,
                    predictor: Predictor | None = None,
-                   on_case: Callable[[str, bool], None] | None = None) -> FolderSummary:
+                   on_case: Callable[[str, bool], None] | None = None,
+                   on_loaded: Callable[[Predictor], None] | None = None) -> FolderSummary:
     """Segment every ``.npz`` in ``input_dir`` into ``output_dir``; a failing case does not stop the others.
 
-    ``on_case(file_name, ok)`` is called after each case (progress hooks, memory probes).
+    ``on_case(file_name, ok)`` is called after each case (progress hooks, memory probes);
+    ``on_loaded(predictor)`` once the model is loaded (``lapsam predict`` keeps it, so that its
+    engines are not torn down before the process ends: :func:`lapsam.cli.main`).
     Raises :class:`~lapsam.errors.UsageError` before loading the model when the input has no
     case or the output folder cannot be written.
     """
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     summary = FolderSummary()
-    files = require_cases(input_dir, "input")
-    summary.total = len(files)
-    out_dir = check_output_dir(output_dir)
-    summary.removed_temp_files = len(remove_stale_temp_files(out_dir, [f.name for f in files]))
+    with timings.phase("list cases, check output folder"):
+        files = require_cases(input_dir, "input")
+        summary.total = len(files)
+        out_dir = check_output_dir(output_dir)
+        summary.removed_temp_files = len(remove_stale_temp_files(out_dir, [f.name for f in files]))
     with sigterm_as_exception():
         try:
             if predictor is None:
                 cfg = PredictorConfig(decoder_batch=opts.decoder_batch, margin_px=opts.margin_px,
                                       on_empty=opts.on_empty)
-                predictor = Predictor.from_model_dir(model_dir, backend=opts.backend, threads=opts.threads,
-                                                     precision=opts.precision, cache_dir=opts.cache_dir,
-                                                     precision_hint=opts.precision_hint, config=cfg)
+                with timings.phase("model load (all)"):
+                    predictor = Predictor.from_model_dir(model_dir, backend=opts.backend, threads=opts.threads,
+                                                         precision=opts.precision, cache_dir=opts.cache_dir,
+                                                         precision_hint=opts.precision_hint, config=cfg)
             summary.load_seconds = time.perf_counter() - t0
-            _run_cases(files, out_dir, predictor, opts, summary, on_case, tqdm)
+            if on_loaded is not None:
+                on_loaded(predictor)
+            _run_cases(files, out_dir, predictor, opts, summary, on_case)
         except (KeyboardInterrupt, Terminated) as exc:
             # Report what finished, then let the interruption go on (the CLI exits 130 / 143).
             summary.interrupted = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
@@ -149,17 +155,41 @@ def predict_folder(input_dir: str | Path, output_dir: str | Path, model_dir: str
     return summary
 
 
+def _predict_timed(predictor: Predictor, case):  # type: ignore[no-untyped-def]
+    """``predictor.predict(case)``; with timings on, its encoder / decoder / other time as phases."""
+    if not timings.enabled():
+        return predictor.predict(case)
+    st = getattr(predictor, "stats", None)
+    if st is not None:
+        st.reset()  # the engine's counters then hold this case's encoder and decoder seconds
+    t = time.time()
+    segs = predictor.predict(case)
+    end = time.time()
+    enc, dec = (st.encoder_s, st.decoder_s) if st is not None else (0.0, 0.0)
+    timings.record_seconds("case: encoder", enc, t + enc)
+    timings.record_seconds("case: decoder", dec, t + enc + dec)
+    timings.record_seconds("case: preprocess, prompts, postprocess", max(0.0, end - t - enc - dec), end)
+    return segs
+
+
 def _run_cases(files: list[Path], out_dir: Path, predictor: Predictor, opts: PredictOptions,
-               summary: FolderSummary, on_case: Callable[[str, bool], None] | None, tqdm) -> None:
-    bar = tqdm(files, unit="case", disable=not opts.progress or len(files) < 2, dynamic_ncols=True)
+               summary: FolderSummary, on_case: Callable[[str, bool], None] | None) -> None:
+    bar = None
+    if opts.progress and len(files) >= 2:  # tqdm is imported only when a bar is shown
+        from tqdm import tqdm
+
+        bar = tqdm(files, unit="case", dynamic_ncols=True)
     try:
-        for f in bar:
-            bar.set_postfix_str(f.name[:40])
+        for f in bar if bar is not None else files:
+            if bar is not None:
+                bar.set_postfix_str(f.name[:40])
             tc = time.perf_counter()
             try:
-                case = load_case(f)
-                segs = predictor.predict(case)
-                write_segs(out_dir / f"{case.name}.npz", segs, case.num_objects)
+                with timings.phase("case: read"):
+                    case = load_case(f)
+                segs = _predict_timed(predictor, case)
+                with timings.phase("case: write"):
+                    write_segs(out_dir / f"{case.name}.npz", segs, case.num_objects)
             except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others
                 summary.failed += 1
                 summary.failures[f.name] = _problem(exc)
@@ -181,4 +211,5 @@ def _run_cases(files: list[Path], out_dir: Path, predictor: Predictor, opts: Pre
             if on_case is not None:
                 on_case(f.name, True)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from lapsam.runtime.backends import BACKEND_METAVAR, backend_arg, file_backend
+from lapsam.runtime.backends import BACKEND_METAVAR, backend_arg, file_backend, positive_int
 
 DEFAULT_TAG = "lapsam:latest"
 
@@ -74,16 +73,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 def register_bench(bench_sub: argparse._SubParsersAction) -> None:
     b = bench_sub.add_parser(
         "submission",
-        help="container start-up cost and per-case wall time, with/without the in-image compile cache",
-        description="Alternates runs A (compile cache in the image) and B (LAPSAM_OV_CACHE_DIR unset) "
-        "in fresh containers: an empty inputs folder (pure start-up) and each given case.",
+        help="where a case's time goes in the organisers' protocol: docker run true vs one small case, step by step",
+        description="Alternates fresh containers with the protocol's options: `true` (the baseline) and "
+        "`sh predict.sh` on each case with LAPSAM_TIMINGS=1, and prints each step from `docker run` to the "
+        "written file (docker create + start, shell, Python start, imports, model load: hash check, OpenVINO "
+        "import and compile or cache load, read, encoder, decoder, pre/post-processing, write, exit, removal), "
+        "medians over the rounds, and the ratio of the case's total to `docker run ... true`. Each case's "
+        "output is checked. The engine must be local (its clock is compared with this machine's).",
     )
     b.add_argument("--tag", default=DEFAULT_TAG, help=f"image tag (default {DEFAULT_TAG})")
-    b.add_argument("--cases", type=Path, nargs="*", default=[], help="case files to time as well")
-    b.add_argument("--repeats", type=int, default=3, help="A/B pairs per input (default 3)")
-    b.add_argument("--vs-tag", default=None,
-                   help="B = this image as it is (e.g. built with --no-compile-cache) instead of "
-                   "--tag with LAPSAM_OV_CACHE_DIR unset")
+    b.add_argument("--cases", type=Path, nargs="*", default=[],
+                   help="case files (default: a 256x256 2D case with one box resampled from demo/data)")
+    b.add_argument("--repeats", type=positive_int, default=5, help="rounds (default 5)")
+    b.add_argument("--vs-tag", default=None, help="also run this image (B) in every round, e.g. one built "
+                   "with --no-compile-cache")
+    b.add_argument("--vs-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="B = --vs-tag (default: --tag) with this environment (repeatable), e.g. "
+                   "LAPSAM_OV_CACHE_DIR= (no compile cache) or LAPSAM_VERIFIED_MARKER= (hash every start)")
     b.set_defaults(func=cmd_bench)
 
 
@@ -101,7 +107,7 @@ def cmd_context(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .context import prepare_context
+    from .context import model_backends, predict_backend, prepare_context
     from .image import DEFAULT_BASE, build_image, docker_client, ensure_base_image, human_size
 
     client = docker_client()
@@ -115,7 +121,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         _print(f"context: {ctx} ({time.perf_counter() - t0:.1f} s); building {args.tag} from {base}")
         res = build_image(
             ctx, args.tag, base_image=base, client=client, on_log=_print,
-            build_args={"COMPILE_CACHE": "0" if args.no_compile_cache else "1", "UID": str(args.uid)},
+            build_args={"COMPILE_CACHE": "0" if args.no_compile_cache else "1", "UID": str(args.uid),
+                        "BACKEND": predict_backend(model_backends(ctx / "model"))},
         )
     _print(f"built {res.tag} ({res.image_id[:19]}): {human_size(res.size_bytes)} uncompressed, "
            f"{time.perf_counter() - t0:.1f} s")
@@ -164,51 +171,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if passed == len(results) else 1
 
 
-_MODEL_LOAD = re.compile(r"model load ([0-9.]+) s")
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-    import statistics
+    from .bench import run_bench
 
-    from .image import docker_client, human_size, image_size
-    from .verify import time_case_run, time_empty_run
-
-    client = docker_client()
-    # variant -> (image, environment overrides)
-    variants: dict[str, tuple[str, dict[str, str] | None]] = {
-        "A cache": (args.tag, None),
-        "B no cache": (args.vs_tag, None) if args.vs_tag else (args.tag, {"LAPSAM_OV_CACHE_DIR": ""}),
-    }
-    inputs: list[tuple[str, Path | None]] = [("(empty inputs)", None)] + [(p.name, p) for p in args.cases]
-    walls: dict[tuple[str, str], list[float]] = {}
-    loads: dict[tuple[str, str], list[float]] = {}
-    for v, (tag, env) in variants.items():
-        _print(f"{v}: image {tag} ({human_size(image_size(tag, client))} uncompressed)"
-               + (f", env {env}" if env else ""))
-    _print(f"{args.repeats} A/B pairs per input (A B A B ...), fresh container each run")
-    for rep in range(args.repeats):
-        for label, path in inputs:
-            for v, (tag, env) in variants.items():
-                r = (time_empty_run(tag, client, env) if path is None
-                     else time_case_run(tag, path, client, env))
-                # An empty inputs folder may end with a non-zero exit ("no cases"): still a start-up time.
-                if r.exit_code != 0 and path is not None:
-                    _print(f"error: run failed ({v}, {label}): exit {r.exit_code}\n{r.log_tail}")
-                    return 1
-                walls.setdefault((label, v), []).append(r.wall_s)
-                m = _MODEL_LOAD.findall(r.log_tail)
-                if m:
-                    loads.setdefault((label, v), []).append(float(m[-1]))
-                _print(f"  rep {rep + 1} {v:10s} {label}: {r.wall_s:.2f} s (exit {r.exit_code}"
-                       + (f", model load {m[-1]} s" if m else "") + ")")
-    _print(f"{'input':45s} {'variant':10s} {'wall median':>11s} {'min':>6s} {'model load med':>14s}  runs")
-    for label, _ in inputs:
-        for v in variants:
-            t = walls[(label, v)]
-            ml = loads.get((label, v))
-            mls = f"{statistics.median(ml):14.2f}" if ml else f"{'-':>14s}"
-            _print(f"{label:45s} {v:10s} {statistics.median(t):11.2f} {min(t):6.2f} {mls}  {len(t)}")
-    return 0
+    return run_bench(args, emit=_print)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,7 +7,9 @@ lapsam from the source tree (no extras: the runtime needs numpy, onnxruntime, op
 threadpoolctl and tqdm only), and lays out a context folder that the repo's ``Dockerfile`` expects::
 
     Dockerfile
-    wheelhouse/deps/*.whl + requirements.txt   (changes rarely: an early, cached layer)
+    wheelhouse/deps/*.whl + requirements.txt   (changes rarely: an early, cached layer;
+                                                requirements.txt names only the engine(s)
+                                                whose files the model ships)
     wheelhouse/lapsam/lapsam-*.whl            (changes with the code)
     model/                                      (the exported model folder: the last layers)
     predict.sh
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +35,9 @@ log = logging.getLogger(__name__)
 
 #: What the torch-free runtime needs (pyproject's base dependencies).
 RUNTIME_PACKAGES: tuple[str, ...] = ("numpy", "onnxruntime", "openvino", "threadpoolctl", "tqdm")
+#: The engine package each backend of the manifest needs: the image installs only the engines
+#: whose files its model ships (an OpenVINO-only model gets no onnxruntime).
+ENGINE_PACKAGES: dict[str, str] = {"openvino": "openvino", "onnx": "onnxruntime"}
 #: glibc tags accepted by a Debian bookworm (glibc 2.36) or newer image; pip 23 does not
 #: expand a single manylinux tag to the older ones, so all are listed.
 MANYLINUX_PLATFORMS: tuple[str, ...] = (
@@ -75,6 +81,36 @@ def pinned_runtime_requirements() -> list[str]:
         except metadata.PackageNotFoundError:
             reqs.append(name)
     return reqs
+
+
+def requirement_name(req: str) -> str:
+    """``numpy`` for ``numpy==2.4.6`` (also ``>=``, ``<``, extras, markers)."""
+    return re.split(r"[\s<>=!~;\[]", req.strip(), maxsplit=1)[0].lower()
+
+
+def image_requirements(backends: set[str] | frozenset[str] | tuple[str, ...], requirements: list[str]) -> list[str]:
+    """``requirements`` without the engines of the other backends: what an image whose model ships
+    ``backends`` (manifest words: ``openvino``, ``onnx``) installs."""
+    unknown = set(backends) - set(ENGINE_PACKAGES)
+    if unknown or not backends:
+        raise SubmissionError(f"the model ships backend(s) {sorted(backends)}; the image needs one of "
+                              f"{sorted(ENGINE_PACKAGES)}")
+    drop = {pkg for b, pkg in ENGINE_PACKAGES.items() if b not in backends}
+    return [r for r in requirements if requirement_name(r) not in drop]
+
+
+def model_backends(model: Path) -> set[str]:
+    """The backends (manifest words) of the files an exported model folder ships."""
+    try:
+        manifest = ModelManifest.load(model)
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        raise SubmissionError(f"{model}: {exc}") from None
+    return {f.backend for f in manifest.files}
+
+
+def predict_backend(backends: set[str]) -> str:
+    """The engine ``predict.sh`` runs for a model shipping ``backends``: OpenVINO when it has IR files."""
+    return "openvino" if "openvino" in backends else "onnxruntime"
 
 
 def find_repo_root(start: Path | None = None) -> Path:
@@ -199,17 +235,21 @@ def prepare_context(
     shutil.copy2(repo / "Dockerfile", out / "Dockerfile")
     if (repo / ".dockerignore").is_file():
         shutil.copy2(repo / ".dockerignore", out / ".dockerignore")
+    copy_model(model, out / "model", backends)
+    # Only the engine(s) the copied model ships are installed (requirements.txt); pip picks
+    # those from the wheelhouse, which holds every runtime wheel.
+    reqs = image_requirements(model_backends(out / "model"), spec.requirements)
     deps = out / "wheelhouse" / "deps"
     shutil.rmtree(deps, ignore_errors=True)
     deps.mkdir(parents=True)
     for f in wheels.iterdir():
-        if f.suffix == ".whl" or f.name == "requirements.txt":
+        if f.suffix == ".whl":
             # Hard links when possible: the wheelhouse is about 100 MB.
             try:
                 os.link(f, deps / f.name)
             except OSError:
                 shutil.copy2(f, deps / f.name)
+    (deps / "requirements.txt").write_text("\n".join(reqs) + "\n")
     build_lapsam_wheel(repo, out / "wheelhouse" / "lapsam")
-    copy_model(model, out / "model", backends)
     shutil.copy2(repo / "submission" / "predict.sh", out / "predict.sh")
     return out

@@ -44,13 +44,37 @@ MEM_LIMIT = "8g"
 
 @dataclass
 class RunResult:
-    """One container run: exit status, wall time (create .. remove), the log's last lines."""
+    """One container run: exit status, wall time (create .. remove), the log's last lines.
+
+    ``wall_s`` leaves out this module's own inspection calls (reading the state and the log
+    between the end of the container and its removal), so it is what ``docker run --rm`` costs.
+    The epochs (``time.time()`` on this machine; docker's own for ``started_at`` / ``finished_at``:
+    the same clock when the engine is local) place each step: create at ``t_create``, the
+    container's process from ``started_at`` to ``finished_at``, removal done at ``t_removed``.
+    """
 
     exit_code: int | None
     wall_s: float
     oom_killed: bool = False
     timed_out: bool = False
     log_tail: str = ""
+    t_create: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    t_removed: float | None = None
+
+
+def docker_time(text: str | None) -> float | None:
+    """Epoch seconds of a docker timestamp (``2026-11-27T14:45:12.123456789Z``); None if unset or odd."""
+    import calendar
+    import re
+
+    m = re.fullmatch(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d+))?Z", (text or "").strip())
+    if not m or m.group(1) == "0001":
+        return None
+    whole = calendar.timegm(tuple(int(g) for g in m.groups()[:6]) + (0, 0, 0))  # type: ignore[arg-type]
+    frac = m.group(7) or "0"
+    return whole + int(frac) / 10 ** len(frac)
 
 
 @dataclass
@@ -88,16 +112,20 @@ def run_case(
     environment: dict[str, str] | None = None,
     name: str | None = None,
     mem_limit: str = MEM_LIMIT,
+    command: list[str] | None = None,
+    log_lines: int = 25,
 ) -> RunResult:
-    """One fresh container with the official options; wall time from create to removal."""
+    """One fresh container with the official options (``command``: instead of the official
+    ``sh predict.sh``); wall time from create to removal."""
     import docker.errors
 
     client = client or docker_client()
     name = name or f"lapsam-verify-{time.time_ns()}"
+    t_create = time.time()
     t0 = time.perf_counter()
     container = client.containers.create(
         tag,
-        command=OFFICIAL_COMMAND,
+        command=command or OFFICIAL_COMMAND,
         name=name,
         mem_limit=mem_limit,
         network_mode="none",
@@ -118,16 +146,22 @@ def run_case(
             exit_code = None
             container.kill()
             container.wait(timeout=60)
+        ran = time.perf_counter() - t0
         container.reload()
-        oom = bool(container.attrs.get("State", {}).get("OOMKilled", False))
-        logs = container.logs(tail=25).decode("utf-8", "replace")
+        state = container.attrs.get("State", {})
+        oom = bool(state.get("OOMKilled", False))
+        logs = container.logs(tail=log_lines).decode("utf-8", "replace")
     finally:
+        t_rm = time.perf_counter()
         try:
             container.remove(force=True)
         except docker.errors.APIError as exc:  # pragma: no cover - removal races
             log.warning("could not remove container %s: %s", name, exc)
-    wall = time.perf_counter() - t0
-    return RunResult(exit_code=exit_code, wall_s=wall, oom_killed=oom, timed_out=timed_out, log_tail=logs)
+        removed = time.perf_counter()
+    wall = ran + (removed - t_rm)
+    return RunResult(exit_code=exit_code, wall_s=wall, oom_killed=oom, timed_out=timed_out, log_tail=logs,
+                     t_create=t_create, started_at=docker_time(state.get("StartedAt")),
+                     finished_at=docker_time(state.get("FinishedAt")), t_removed=t_create + wall)
 
 
 def check_output(case_path: Path, out_path: Path) -> tuple[list[str], bool]:
@@ -231,18 +265,25 @@ def verify_cases(
 
 
 def time_empty_run(tag: str, client: Any = None, environment: dict[str, str] | None = None,
-                   timeout_s: float = 300.0) -> RunResult:
-    """A container given an empty inputs folder: the pure start-up cost of the official protocol."""
+                   timeout_s: float = 300.0, command: list[str] | None = None) -> RunResult:
+    """A container given an empty inputs folder: the pure start-up cost of the official protocol
+    (``command=["true"]``: of ``docker run ... IMAGE true`` with the same options)."""
     client = client or docker_client()
     with tempfile.TemporaryDirectory(prefix="lapsam-empty-") as tmp:
         inputs, outputs = _prepare_folders(Path(tmp), None)
-        return run_case(tag, inputs, outputs, client=client, timeout_s=timeout_s, environment=environment)
+        return run_case(tag, inputs, outputs, client=client, timeout_s=timeout_s, environment=environment,
+                        command=command)
 
 
 def time_case_run(tag: str, case_path: Path, client: Any = None, environment: dict[str, str] | None = None,
-                  timeout_s: float = 900.0) -> RunResult:
-    """One case in a fresh container (no output checks): for benchmarks."""
+                  timeout_s: float = 900.0, log_lines: int = 25, check: bool = False) -> tuple[RunResult, list[str]]:
+    """One case in a fresh container, for benchmarks: the run, and the output's problems when
+    ``check`` (:func:`check_output`; else an empty list)."""
     client = client or docker_client()
+    case_path = Path(case_path)
     with tempfile.TemporaryDirectory(prefix="lapsam-bench-") as tmp:
-        inputs, outputs = _prepare_folders(Path(tmp), Path(case_path))
-        return run_case(tag, inputs, outputs, client=client, timeout_s=timeout_s, environment=environment)
+        inputs, outputs = _prepare_folders(Path(tmp), case_path)
+        run = run_case(tag, inputs, outputs, client=client, timeout_s=timeout_s, environment=environment,
+                       log_lines=log_lines)
+        problems = check_output(case_path, outputs / case_path.name)[0] if check else []
+        return run, problems

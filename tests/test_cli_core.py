@@ -116,3 +116,31 @@ def test_console_script_help() -> None:
     exe = Path(sys.executable).with_name("lapsam")
     res = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "data" in res.stdout
+
+
+def test_each_command_imports_only_its_part() -> None:
+    """`lapsam CMD` registers only the module that adds CMD (a faster start): the table in
+    lapsam.cli must match what each module registers, and `lapsam predict` must not import the
+    other parts, tqdm or the engines before it runs."""
+    import argparse
+    import importlib
+
+    from lapsam import cli
+
+    for mod_name, commands in cli._PART_CLIS.items():
+        parser = argparse.ArgumentParser()
+        sub = parser.add_subparsers()
+        importlib.import_module(mod_name).register(sub)
+        assert tuple(sub.choices) == commands, mod_name
+    assert cli.part_modules("predict") == ["lapsam.runtime.cli"]
+    assert cli.part_modules("bench") == cli.part_modules(None) == list(cli._PART_CLIS)
+    assert cli.command_of(["-v", "predict", "-i", "x"]) == "predict"
+    code = (
+        "import sys; from lapsam import cli; p = cli.build_parser('predict'); "
+        "p.parse_args(['predict', '-i', 'a', '-o', 'b']); "
+        "bad = sorted(m for m in sys.modules if m.startswith(('lapsam.distill', 'lapsam.export', 'lapsam.eval', "
+        "'lapsam.submission', 'lapsam.runtime.app', 'lapsam.data_cli', 'tqdm', 'openvino', 'onnxruntime', "
+        "'numpy'))); print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", out

@@ -110,9 +110,18 @@ def test_dockerfile_contract(repo_root: Path) -> None:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     assert "ARG BASE_IMAGE=python:3.11-slim" in lines
     assert lines[-3:] == ["WORKDIR /workspace", "USER lapsam", 'CMD ["/bin/bash", "-c", "sh predict.sh"]']
-    assert "--no-index" in text and not any(re.search(r"\btorch\b", ln) for ln in lines)
+    assert "--no-index" in text and not any(re.search(r"(?<!/)\btorch\b", ln) for ln in lines)
     predict = (repo_root / "submission" / "predict.sh").read_text()
     assert "predict -i /workspace/inputs -o /workspace/outputs" in predict
+    # the final image: one flattened root file system (FROM scratch), no installer, the build's
+    # hash marker, the engine predict.sh runs
+    froms = [ln for ln in lines if ln.startswith("FROM ")]
+    assert froms[-1] == "FROM scratch" and "COPY --from=rootfs / /" in lines
+    final = lines[lines.index("FROM scratch"):]
+    assert not any(re.search(r"\bpip\b", ln) for ln in final)
+    assert any("LAPSAM_VERIFIED_MARKER=/opt/lapsam/verified.json" in ln for ln in final)
+    assert any("lapsam.submission.warmup" in ln and "--marker" in ln for ln in final)
+    assert '--backend "${LAPSAM_BACKEND:-openvino}"' in predict
 
 
 def test_prepare_context_layout_and_lapsam_wheel_without_extras(tmp_path: Path, repo_root: Path) -> None:
@@ -124,9 +133,7 @@ def test_prepare_context_layout_and_lapsam_wheel_without_extras(tmp_path: Path, 
     (fake / "numpy-0-py3-none-any.whl").write_bytes(b"x")
     (fake / "requirements.txt").write_text("\n".join(spec.requirements) + "\n")
     (fake / ".complete").write_text("ok\n")
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "manifest.json").write_text("{}")
+    model = _fake_model(tmp_path / "model")
     ctx = prepare_context(model, tmp_path / "ctx", repo=repo_root, spec=spec, cache_dir=cache)
     assert (ctx / "Dockerfile").read_text() == (repo_root / "Dockerfile").read_text()
     assert sorted(p.name for p in (ctx / "wheelhouse" / "deps").iterdir()) == [
@@ -185,3 +192,276 @@ def test_copy_model_keeps_one_backend(tmp_path: Path) -> None:
     assert (full / "encoder.onnx").is_file() and len(ModelManifest.load(full).files) == 4
     with pytest.raises(SubmissionError, match="unknown backend"):
         copy_model(src, tmp_path / "x", ("tensorrt",))
+
+
+# ---- requirements follow the model's backend ---------------------------------------------------
+def test_image_requirements_follow_the_shipped_backends() -> None:
+    from lapsam.submission.context import (
+        SubmissionError,
+        image_requirements,
+        predict_backend,
+        requirement_name,
+    )
+
+    reqs = ["numpy==2.4.6", "onnxruntime==1.32.0", "openvino==2026.4.1", "threadpoolctl==3.8.0", "tqdm==4.70.1"]
+    names = lambda rs: [requirement_name(r) for r in rs]  # noqa: E731
+    assert names(image_requirements({"openvino"}, reqs)) == ["numpy", "openvino", "threadpoolctl", "tqdm"]
+    assert names(image_requirements({"onnx"}, reqs)) == ["numpy", "onnxruntime", "threadpoolctl", "tqdm"]
+    assert image_requirements({"onnx", "openvino"}, reqs) == reqs
+    assert requirement_name("OpenVINO>=2024; python_version>'3.9'") == "openvino"
+    for bad in (set(), {"tensorrt"}):
+        with pytest.raises(SubmissionError, match="backend"):
+            image_requirements(bad, reqs)
+    assert predict_backend({"openvino", "onnx"}) == "openvino" and predict_backend({"onnx"}) == "onnxruntime"
+
+
+@pytest.mark.parametrize("only, expect", [(None, {"onnxruntime", "openvino"}), ("openvino", {"openvino"}),
+                                          ("onnx", {"onnxruntime"})])
+def test_context_requirements_follow_only_backend(tmp_path: Path, repo_root: Path, only, expect) -> None:
+    """--only-backend openvino (or an OpenVINO-only model) gives an image without onnxruntime."""
+    spec = WheelhouseSpec(pinned_runtime_requirements())
+    cache = tmp_path / "cache"
+    fake = cache / "wheelhouse" / spec.key()
+    fake.mkdir(parents=True)
+    (fake / "requirements.txt").write_text("\n".join(spec.requirements) + "\n")
+    (fake / ".complete").write_text("ok\n")
+    model = _fake_model(tmp_path / "model")
+    ctx = prepare_context(model, tmp_path / "ctx", repo=repo_root, spec=spec, cache_dir=cache,
+                          backends=(only,) if only else None)
+    got = {r.split("==")[0] for r in (ctx / "wheelhouse" / "deps" / "requirements.txt").read_text().split()}
+    assert got == {"numpy", "threadpoolctl", "tqdm"} | expect
+
+
+# ---- the verified marker: hashes checked at build time ----------------------------------------
+def _hashed_model(root: Path) -> Path:
+    """A model folder whose manifest holds the files' real sha256."""
+    from lapsam.manifest import ModelFile, ModelManifest, Preprocessing, sha256_file
+
+    (root / "openvino").mkdir(parents=True)
+    files = []
+    for role in ("encoder", "decoder"):
+        rels = [f"openvino/{role}_fp32.xml", f"openvino/{role}_fp32.bin"]
+        for rel in rels:
+            (root / rel).write_bytes(f"{rel} contents".encode())
+        files.append(ModelFile(role, "openvino", "fp32", rels[0], {r: sha256_file(root / r) for r in rels}))
+    ModelManifest(name="hashed", preprocessing=Preprocessing(input_size=256), files=files).save(root)
+    return root
+
+
+def test_verified_marker_skips_hashing_only_while_nothing_changed(tmp_path: Path, monkeypatch) -> None:
+    import json
+    import os
+
+    from lapsam.runtime import engines
+    from lapsam.runtime.verified import MARKER_ENV, verified_at_build, write_marker
+
+    from lapsam.errors import ModelIntegrityError
+    from lapsam.manifest import ModelManifest
+
+    model = _hashed_model(tmp_path / "model")
+    marker = tmp_path / "verified.json"
+    rec = write_marker(model, marker)
+    assert set(rec["files"]) == {"openvino/encoder_fp32.xml", "openvino/encoder_fp32.bin",
+                                 "openvino/decoder_fp32.xml", "openvino/decoder_fp32.bin"}
+    enc = ModelManifest.load(model).find("encoder", "openvino")
+    hashed: list[str] = []
+    real_verify = engines.verify_file
+    monkeypatch.setattr(engines, "verify_file", lambda d, e: (hashed.append(e.role), real_verify(d, e)))
+
+    # outside the image (no $LAPSAM_VERIFIED_MARKER) every start hashes
+    monkeypatch.delenv(MARKER_ENV, raising=False)
+    engines.check_files(model, enc)
+    assert hashed == ["encoder"]
+    # in the image: skipped while the marker matches
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    engines.check_files(model, enc)
+    assert hashed == ["encoder"]
+    assert verified_at_build(model, enc)
+
+    bin_ = model / "openvino" / "encoder_fp32.bin"
+    st = bin_.stat()
+    os.utime(bin_, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))  # touched: hash again
+    assert not verified_at_build(model, enc)
+    os.utime(bin_, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert verified_at_build(model, enc)
+    bin_.write_bytes(b"replaced, other size")  # changed: hashed, and refused
+    with pytest.raises(ModelIntegrityError):
+        engines.check_files(model, enc)
+    assert hashed == ["encoder", "encoder"]
+
+    # another model folder, another manifest, a damaged marker: never trusted
+    write_marker(_hashed_model(tmp_path / "other"), marker)
+    assert not verified_at_build(model, enc)
+    model2 = _hashed_model(tmp_path / "m2")
+    write_marker(model2, marker)
+    enc2 = ModelManifest.load(model2).find("encoder", "openvino")
+    assert verified_at_build(model2, enc2)
+    m = json.loads((model2 / "manifest.json").read_text())
+    m["notes"] = ["edited"]
+    (model2 / "manifest.json").write_text(json.dumps(m))
+    assert not verified_at_build(model2, enc2)
+    marker.write_text("{not json")
+    assert not verified_at_build(model2, enc2)
+    assert not verified_at_build(model2, enc2, marker=tmp_path / "missing.json")
+
+
+def test_write_marker_refuses_a_file_that_does_not_match(tmp_path: Path) -> None:
+    from lapsam.runtime.verified import write_marker
+
+    from lapsam.errors import ModelIntegrityError
+
+    model = _hashed_model(tmp_path / "model")
+    (model / "openvino" / "decoder_fp32.bin").write_bytes(b"corrupt")
+    with pytest.raises(ModelIntegrityError):
+        write_marker(model, tmp_path / "verified.json")
+    assert not (tmp_path / "verified.json").exists()
+
+
+def test_predict_timings_and_marker_with_the_default_model(tmp_path: Path, repo_root: Path, imgs_dir: Path,
+                                                           monkeypatch, capsys) -> None:
+    """`lapsam predict --timings` prints each phase and one timings-json line; with the build's
+    marker the hash check is skipped, without it the files are hashed."""
+    from lapsam.runtime.verified import MARKER_ENV, write_marker
+
+    from lapsam import timings
+    from lapsam.cli import main
+
+    model = repo_root / "models" / "default"
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(imgs_dir / f"{CASE_2D}.npz", inp)
+    marker = tmp_path / "verified.json"
+    write_marker(model, marker)
+    monkeypatch.delenv("LAPSAM_OV_CACHE_DIR", raising=False)
+    monkeypatch.delenv(timings.ENV, raising=False)
+    seen = {}
+    for label, env in (("marker", str(marker)), ("no marker", None)):
+        if env:
+            monkeypatch.setenv(MARKER_ENV, env)
+        else:
+            monkeypatch.delenv(MARKER_ENV, raising=False)
+        timings.reset()
+        monkeypatch.setattr(timings, "_forced", False)
+        assert main(["predict", "-i", str(inp), "-o", str(tmp_path / label), "--model", str(model),
+                     "--no-progress", "--timings"]) == 0
+        err = capsys.readouterr().err
+        rep = timings.parse(err)
+        assert rep is not None, err
+        names = [p[0] for p in rep["phases"]]
+        seen[label] = names
+        for want in ("imports: runtime (numpy, lapsam.runtime)", "model load: import openvino",
+                     "model load: encoder compile (compiled)", "case: read", "case: encoder", "case: decoder",
+                     "case: write"):
+            assert want in names, (want, names)
+        assert all(e >= s for _, s, e in rep["phases"]) and rep["t_end"] >= rep["t_import"]
+        assert "timing: case: encoder" in err
+        assert (tmp_path / label / f"{CASE_2D}.npz").is_file()
+    assert "model load: encoder hash check skipped (verified at build)" in seen["marker"]
+    assert "model load: encoder hash check (sha256)" in seen["no marker"]
+    timings.reset()
+
+
+# ---- OpenVINO cache modes chosen by the warm-up ------------------------------------------------
+def _timings_err(cached: dict[str, bool]) -> str:
+    import json
+
+    phases = [[f"model load: {role} compile ({'from cache' if ok else 'compiled'})", 1.0, 2.0]
+              for role, ok in cached.items()]
+    return "2 case(s)\ntimings-json: " + json.dumps({"t_exec": None, "t_import": 0.0, "t_end": 3.0, "phases": phases})
+
+
+def test_warmup_keeps_weightless_blobs_only_where_they_load(tmp_path: Path) -> None:
+    import json
+
+    from lapsam.runtime.engines import OV_CACHE_MODES_FILE, ov_cache_mode
+    from lapsam.submission.warmup import choose_cache_modes, loaded_from_cache
+
+    assert loaded_from_cache(_timings_err({"encoder": True, "decoder": False})) == {"encoder": True, "decoder": False}
+    calls: list[str | None] = []
+
+    def run(mode):  # the default model: its decoder does not load back from a weight-less blob
+        calls.append(mode)
+        if mode == "OPTIMIZE_SIZE":
+            return _timings_err({"encoder": len(calls) > 1, "decoder": False})
+        return _timings_err({"encoder": True, "decoder": len(calls) > 3})
+
+    cached = choose_cache_modes(run, tmp_path)
+    assert calls == ["OPTIMIZE_SIZE", "OPTIMIZE_SIZE", None, None]
+    assert cached == {"encoder": True, "decoder": True}
+    modes = json.loads((tmp_path / OV_CACHE_MODES_FILE).read_text())
+    assert modes == {"decoder": "OPTIMIZE_SPEED", "encoder": "OPTIMIZE_SIZE"}
+    # the runtime reads the file; an explicit mode ($LAPSAM_OV_CACHE_MODE) wins; a bad file is ignored
+    assert ov_cache_mode("encoder", str(tmp_path)) == "OPTIMIZE_SIZE"
+    assert ov_cache_mode("decoder", str(tmp_path)) == "OPTIMIZE_SPEED"
+    assert ov_cache_mode("encoder", str(tmp_path), "OPTIMIZE_SPEED") == "OPTIMIZE_SPEED"
+    (tmp_path / OV_CACHE_MODES_FILE).write_text("garbage")
+    assert ov_cache_mode("encoder", str(tmp_path)) is None
+    assert ov_cache_mode("encoder", str(tmp_path / "none")) is None
+
+    calls.clear()
+    cached = choose_cache_modes(lambda mode: (calls.append(mode), _timings_err(
+        {"encoder": len(calls) > 1, "decoder": len(calls) > 1}))[1], tmp_path)
+    assert calls == ["OPTIMIZE_SIZE", "OPTIMIZE_SIZE"] and all(cached.values())
+
+
+# ---- lapsam bench submission: the breakdown -----------------------------------------------------
+def test_bench_breakdown_adds_up_and_reports_the_ratio() -> None:
+    import json
+
+    from lapsam.submission.bench import Series, Variant, baseline_rows, case_rows, format_report
+    from lapsam.submission.verify import RunResult, docker_time
+
+    assert docker_time("2026-11-27T14:45:12.5Z") == pytest.approx(docker_time("2026-11-27T14:45:12Z") + 0.5)
+    assert docker_time("2026-11-27T14:45:12.123456789Z") % 1 == pytest.approx(0.123456789, abs=1e-6)
+    assert docker_time("0001-01-01T00:00:00Z") is None and docker_time(None) is None
+    t0 = 1000.0
+    base = RunResult(exit_code=0, wall_s=0.30, t_create=t0, started_at=t0 + 0.15, finished_at=t0 + 0.17,
+                     t_removed=t0 + 0.30)
+    assert [round(v, 3) for _, v in baseline_rows(base)] == [0.17, 0.13]
+    rep = {"t_exec": t0 + 0.21, "t_import": t0 + 0.25, "t_end": t0 + 0.60, "phases": [
+        ["cli: imports, parser, arguments", t0 + 0.25, t0 + 0.27],
+        ["imports: runtime (numpy, lapsam.runtime)", t0 + 0.27, t0 + 0.35],
+        ["model load: encoder compile (from cache)", t0 + 0.36, t0 + 0.40],
+        ["model load: decoder compile (from cache)", t0 + 0.40, t0 + 0.45],
+        ["model load (all)", t0 + 0.355, t0 + 0.46],
+        ["case: read", t0 + 0.46, t0 + 0.47],
+        ["case: encoder", t0 + 0.47, t0 + 0.52],
+        ["case: write", t0 + 0.55, t0 + 0.56]]}
+    case = RunResult(exit_code=0, wall_s=0.80, t_create=t0, started_at=t0 + 0.20, finished_at=t0 + 0.65,
+                     t_removed=t0 + 0.80, log_tail="noise\ntimings-json: " + json.dumps(rep))
+    rows = case_rows(case)
+    names = [n for n, _ in rows]
+    assert names[:3] == ["docker: create + start", "shell: bash -c, sh predict.sh",
+                         "python start: interpreter, site, lapsam"]
+    assert names[-2:] == ["python exit + container stop", "docker: wait returns + remove"]
+    assert dict(rows)["model load: rest"] == pytest.approx(0.105 - 0.09)
+    assert sum(v for _, v in rows) == pytest.approx(case.wall_s)
+    lines = format_report(Variant("A", "img", {}), "2DBox_US_0001.npz", Series([baseline_rows(base)], [0.30]),
+                          Series([rows], [0.80]))
+    assert lines[-1].strip().startswith("ratio case total / docker run true: 2.67")
+    assert any("model load: encoder compile (from cache)" in ln for ln in lines)
+    with pytest.raises(Exception, match="timings-json"):
+        case_rows(RunResult(exit_code=0, wall_s=1.0, t_create=t0, started_at=t0, finished_at=t0, t_removed=t0))
+
+
+def test_timings_off_by_default_and_round_trip(monkeypatch, capsys) -> None:
+    from lapsam import timings
+
+    monkeypatch.delenv(timings.ENV, raising=False)
+    monkeypatch.setattr(timings, "_forced", False)
+    timings.reset()
+    with timings.phase("x"):
+        pass
+    timings.emit()
+    assert timings.phases() == [] and capsys.readouterr().err == ""
+    monkeypatch.setenv(timings.ENV, "1")
+    monkeypatch.setenv(timings.EXEC_ENV, str(timings.T_IMPORT - 0.05))
+    with timings.phase("x"):
+        pass
+    timings.record_seconds("y", 0.25)
+    timings.emit()
+    err = capsys.readouterr().err
+    rep = timings.parse(err)
+    assert [p[0] for p in rep["phases"]] == ["x", "y"] and rep["t_exec"] == pytest.approx(timings.T_IMPORT - 0.05)
+    assert "timing: python start (interpreter, site, lapsam)" in err and "timing: y" in err
+    timings.reset()

@@ -85,15 +85,22 @@ def _run(client, tag: str, script: str, **kw) -> tuple[int, str]:
 
 
 def test_image_is_runtime_only_non_root_with_compile_cache(client, image_tag: str) -> None:
-    cfg = client.images.get(image_tag).attrs["Config"]
+    image = client.images.get(image_tag)
+    assert int(image.attrs["Size"]) <= 300e6, f"image is {int(image.attrs['Size']) / 1e6:.1f} MB (limit 300 MB)"
+    cfg = image.attrs["Config"]
     assert cfg["WorkingDir"] == "/workspace"
     assert cfg["User"] == "lapsam"
     env = dict(e.split("=", 1) for e in cfg["Env"])
     assert env["LAPSAM_MODEL_DIR"] == "/opt/lapsam/model"
+    assert env["LAPSAM_VERIFIED_MARKER"] == "/opt/lapsam/verified.json" and env["LAPSAM_BACKEND"] == "openvino"
+    find = "python -c 'import importlib.util as u, sys; print(\"%s=%s\" % (sys.argv[1], u.find_spec(sys.argv[1]) is not None))'"
     rc, out = _run(client, image_tag, (
         "echo uid=$(id -u); test -f /workspace/predict.sh && echo predict=yes; "
-        "echo blobs=$(ls /opt/lapsam/ov_cache | wc -l); echo onnx=$(find /opt/lapsam/model -name '*.onnx' | wc -l); "
-        "python -c 'import importlib.util as u; print(\"torch=%s\" % (u.find_spec(\"torch\") is not None))'; "
+        "echo blobs=$(ls /opt/lapsam/ov_cache/*.blob | wc -l); echo onnx=$(find /opt/lapsam/model -name '*.onnx' | wc -l); "
+        f"for m in torch onnxruntime pip setuptools wheel openvino; do {find} $m; done; "
+        "test -f /opt/lapsam/ov_cache/lapsam-cache-modes.json && echo modes=yes; "
+        "test -f /opt/lapsam/verified.json && echo marker=yes; touch /opt/lapsam/verified.json 2>/dev/null || echo marker_ro=yes; "
+        "command -v pip pip3 >/dev/null || echo no_pip_cmd=yes; "
         "touch /opt/lapsam/ov_cache/.w && echo cache_writable=yes; "
         "python -c 'import json; print(\"model=%s\" % json.load(open(\"/opt/lapsam/model/manifest.json\"))[\"name\"])'"
     ))
@@ -103,6 +110,10 @@ def test_image_is_runtime_only_non_root_with_compile_cache(client, image_tag: st
     assert int(facts["blobs"]) >= 2  # encoder + decoder compiled at build time
     assert facts["onnx"] == "0"  # --only-backend openvino
     assert facts["torch"] == "False" and facts["cache_writable"] == "yes"
+    # one engine (OpenVINO), no installer in the image; the build's hash marker, read-only for the user
+    assert facts["onnxruntime"] == "False" and facts["openvino"] == "True", out
+    assert facts["pip"] == facts["setuptools"] == facts["wheel"] == "False" and facts["no_pip_cmd"] == "yes", out
+    assert facts["modes"] == facts["marker"] == facts["marker_ro"] == "yes", out
     shipped = json.loads((Path(__file__).resolve().parents[1] / "models" / "default" / "manifest.json").read_text())
     assert facts["model"] == shipped["name"]  # built with the default model
 
@@ -141,6 +152,42 @@ def test_verify_api_reports_each_case(client, image_tag: str, cases_dir: Path) -
     bad = results[CORRUPT]
     assert not bad.ok and not bad.input_valid and bad.clean
     assert bad.exit_code != 0 and "not a valid npz" in bad.log_tail
+
+
+def test_predict_sh_starts_from_the_build_checks(client, image_tag: str, tmp_path: Path, imgs_dir: Path) -> None:
+    """The official command with LAPSAM_TIMINGS=1 on the image as `docker load` restored it (file
+    times cut to whole seconds): the hash check is skipped (the build's marker matches) and both
+    graphs load from the compile cache; the output is correct."""
+    from lapsam.submission.verify import check_output
+
+    from lapsam import timings
+
+    inputs, outputs = tmp_path / "inputs", tmp_path / "outputs"
+    inputs.mkdir()
+    outputs.mkdir()
+    outputs.chmod(0o777)
+    shutil.copy(imgs_dir / f"{CASE_2D}.npz", inputs / f"{CASE_2D}.npz")
+    rc, log = _run(client, image_tag, "sh predict.sh", mem_limit="8g", environment={"LAPSAM_TIMINGS": "1"},
+                   volumes={str(inputs): {"bind": "/workspace/inputs", "mode": "rw"},
+                            str(outputs): {"bind": "/workspace/outputs", "mode": "rw"}})
+    assert rc == 0, log
+    rep = timings.parse(log)
+    assert rep is not None and isinstance(rep["t_exec"], float), log
+    names = [p[0] for p in rep["phases"]]
+    for role in ("encoder", "decoder"):
+        assert f"model load: {role} hash check skipped (verified at build)" in names, log
+        assert f"model load: {role} compile (from cache)" in names, log
+    assert check_output(inputs / f"{CASE_2D}.npz", outputs / f"{CASE_2D}.npz") == ([], True)
+
+
+def test_bench_submission_prints_the_breakdown(client, image_tag: str, capsys) -> None:
+    """One round of `lapsam bench submission` (figures are printed, never asserted)."""
+    assert lapsam_main(["bench", "submission", "--tag", image_tag, "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for step in ("docker run ... true (baseline, total)", "docker: create + start", "python start:",
+                 "model load: encoder compile (from cache)", "case: encoder", "case: write",
+                 "case total (docker run to removal)", "ratio case total / docker run true:"):
+        assert step in out, (step, out)
 
 
 def test_stale_compile_cache_falls_back_to_compiling(client, image_tag: str, tmp_path: Path,
