@@ -132,19 +132,3 @@ def blas_threads(n: int | None = 1) -> Iterator[None]:
 
     with threadpool_limits(limits=int(n), user_api="blas"):
         yield
-
-
-def limit_blas_threads(n: int = 1) -> bool:
-    """Set numpy's BLAS threads to ``n`` for the rest of the process (threadpoolctl); True if a BLAS was found.
-
-    Process-wide: prefer the scoped :func:`blas_threads` around the work that needs it.
-    """
-    from threadpoolctl import ThreadpoolController
-
-    controller = ThreadpoolController()
-    blas = controller.select(user_api="blas")
-    if not blas.lib_controllers:
-        log.debug("no BLAS library loaded; numpy BLAS threads left as they are")
-        return False
-    blas.limit(limits=int(n))
-    return True

@@ -92,7 +92,7 @@ from lapsam.preprocess import (
 )
 
 from .cache import EmbeddingCache
-from .cpus import available_cpus, limit_blas_threads
+from .cpus import available_cpus, blas_threads
 from .crop import case_windows, crop_case, paste_labels, shift_boxes, volume_windows
 from .engines import CallStats, CountingEngine, Engine, EngineOptions, Feats, load_engine
 from .interactive import (
@@ -193,8 +193,6 @@ class Predictor:
         self.manifest = manifest
         self.last_report: CaseReport | None = None
         self._zeros: dict[int, tuple[np.ndarray, ...]] = {}
-        if self.config.blas_threads is not None:
-            limit_blas_threads(self.config.blas_threads)
 
     # ---- construction -----------------------------------------------------------------
     @classmethod
@@ -314,14 +312,18 @@ class Predictor:
         """``segs`` for ``case`` (labels 0..N, ``case.segs_dtype``); details in ``self.last_report``.
 
         2024 cases use their boxes; 2025 cases (``case.format == "2025"``) their per-class box
-        dicts, clicks and ``prev_pred`` (:meth:`predict_prompts`).
+        dicts, clicks and ``prev_pred`` (:meth:`predict_prompts`). numpy's BLAS threads are
+        limited to ``config.blas_threads`` during the call only (scoped, restored after).
         """
+        with blas_threads(self.config.blas_threads):
+            return self._predict_case(case)
+
+    def _predict_case(self, case: Case) -> np.ndarray:
         if case.format == FORMAT_2025 and case.is_3d:
             prev = case.prev_pred
             if prev is not None and prev.shape != case.spatial_shape:
                 raise CaseError(case.path, f"prev_pred has shape {prev.shape}; expected {case.spatial_shape}")
-            segs = self.predict_prompts(case.image, prompts_from_case(case), prev, name=case.name,
-                                        dtype=case.segs_dtype)
+            segs = self._predict_prompts(case.image, prompts_from_case(case), prev, case.name, case.segs_dtype)
             self.last_report.skipped_boxes = dict(case.box_errors)
             for i, msg in case.box_errors.items():
                 log.warning("%s: box %d skipped: %s", case.name, i + 1, msg)
@@ -361,8 +363,14 @@ class Predictor:
         ``prompts`` are :class:`~lapsam.runtime.interactive.ClassPrompt` (label, optional
         :class:`~lapsam.runtime.interactive.SliceBox`, fg/bg clicks as (z, y, x)); ``prev_pred``
         (D, H, W) labels is the starting segmentation. A 2D RGB image can be given as
-        ``image[None]`` (1, H, W, 3) with clicks on z = 0. Returns labels 0..max(label).
+        ``image[None]`` (1, H, W, 3) with clicks on z = 0. Returns labels 0..max(label). BLAS
+        threads as in :meth:`predict`.
         """
+        with blas_threads(self.config.blas_threads):
+            return self._predict_prompts(volume, prompts, prev_pred, name, dtype)
+
+    def _predict_prompts(self, volume: np.ndarray, prompts: Sequence[ClassPrompt], prev_pred: np.ndarray | None,
+                         name: str, dtype: np.dtype | None) -> np.ndarray:
         t = time.perf_counter()
         self.stats.reset()
         report = CaseReport(name=name)

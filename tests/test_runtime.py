@@ -463,3 +463,28 @@ def test_log_levels_and_line_format():
     assert "debug: other: other DEBUG" in lines("2", "-")
     assert lines("1", "q") == ["warning: lapsam.x WARNING", "error: lapsam.x ERROR", "warning: other WARNING",
                                "error: other ERROR"]
+
+
+def test_blas_threads_limited_only_during_predict():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads_now() -> list[int]:
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads_now()
+    if not before or max(before) < 2:
+        pytest.skip("numpy's BLAS runs one thread here: a limit of 1 cannot be told apart")
+    seen: list[list[int]] = []
+
+    class Recording(FakeEngine):
+        def encode(self, image):
+            seen.append(blas_threads_now())
+            return super().encode(image)
+
+    pred = Predictor(Recording(), PP, PredictorConfig(blas_threads=1))
+    assert blas_threads_now() == before  # constructing it changes nothing
+    img = np.zeros((64, 64, 3), np.uint8)
+    pred.predict(case2d(img, [[5, 5, 20, 20]]))
+    pred.predict_prompts(unique_volume(3, 32, 32), [])
+    assert seen and all(max(s) == 1 for s in seen)
+    assert blas_threads_now() == before  # restored after the call
