@@ -372,6 +372,22 @@ class Session:
             self._push_undo(what, 0, -1)
 
     # ---- background jobs ------------------------------------------------------------------
+    def _run_now(self, gen: int, compute: Callable[[Progress], np.ndarray], apply: Callable[[np.ndarray], None],
+                 result: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """:meth:`_start_job`'s work in the caller's thread (2D): ``compute`` under the engine lock,
+        then ``apply`` and ``result()`` under the state lock unless the image changed meanwhile.
+
+        Called without ``_lock`` held; ``gen`` is the generation the caller saw.
+        """
+        with self._engine_lock:
+            new = compute(lambda done, total: None)
+        with self._lock:
+            if gen != self.generation:
+                raise LapsamError("the image changed meanwhile")
+            apply(new)
+            self.rev += 1
+            return result()
+
     def _start_job(self, what: str, total: int, compute: Callable[[Progress], np.ndarray],
                    apply: Callable[[np.ndarray], None], wait: bool = False) -> Job:
         """Run ``compute`` (model calls) in a thread, then ``apply`` its result under the lock.
@@ -508,14 +524,7 @@ class Session:
             if vol.is_3d:
                 return self._start_job(what, 0, compute, apply, wait)
             gen = self.generation
-        with self._engine_lock:
-            new = compute(lambda done, total: None)
-        with self._lock:
-            if gen != self.generation:
-                raise LapsamError("the image changed meanwhile")
-            apply(new)
-            self.rev += 1
-            return dict(self.last)
+        return self._run_now(gen, compute, apply, lambda: dict(self.last))
 
     def cancel(self) -> None:
         with self._lock:
@@ -586,14 +595,7 @@ class Session:
             if case.is_3d:
                 return self._start_job(what, 0, compute, apply, wait)
             gen = self.generation
-        with self._engine_lock:
-            new = compute(lambda done, total: None)
-        with self._lock:
-            if gen != self.generation:
-                raise LapsamError("the image changed meanwhile")
-            apply(new)
-            self.rev += 1
-        return {"what": what, "objects": case.num_objects}
+        return self._run_now(gen, compute, apply, lambda: {"what": what, "objects": case.num_objects})
 
     # ---- undo / clear -----------------------------------------------------------------
     def undo(self) -> str:
