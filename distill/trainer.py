@@ -97,6 +97,7 @@ def lapsam_config(m: ModelSection) -> LapSamConfig:
         crop_mode=m.crop_mode,
         crop_min_px=m.crop_min_px,
         crop_shared_frac=m.crop_shared_frac,
+        decoder=m.decoder,
     )
 
 

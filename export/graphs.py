@@ -12,6 +12,8 @@ encoder inside the decoder graph and takes the fixed input set of the graph cont
 * the dense prompt is ``mask_downscaling(mask_input)`` where ``has_mask_input`` is 1 and
   ``no_mask_embed`` where it is 0 (a blend, so one graph serves both cases);
 * the dense positional encoding is a constant of the graph (it depends only on the grid);
+* with the lite decoder (``LapSamConfig.decoder == "lite"``) the image side is computed once
+  for all B prompts and ``mask_input`` is ignored;
 * with a box prior (``LapSamConfig.box_prior``) the same :class:`~lapsam.distill.modeling.BoxPrior`
   module adds its learned +-s to the low-res logits inside the graph, so the runtime needs
   nothing to know about it.
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from lapsam.distill.modeling.lite_decoder import LiteMaskDecoder
 
 
 class EncoderGraph(nn.Module):
@@ -42,6 +46,7 @@ class DecoderGraph(nn.Module):
         self.prompt_encoder = model.prompt_encoder
         self.mask_decoder = model.mask_decoder
         self.box_prior = model.box_prior
+        self.lite = isinstance(model.mask_decoder, LiteMaskDecoder)
         # Constant of the graph: dense PE of the embedding grid (1, 256, E, E).
         self.register_buffer("dense_pe", model.prompt_encoder.get_dense_pe().detach().clone(), persistent=False)
 
@@ -69,6 +74,14 @@ class DecoderGraph(nn.Module):
         sparse = pe._embed_points(coords, labels, pad=True)
 
         has = has_mask_input.reshape(-1, 1, 1, 1)
+        if self.lite:
+            # One image side for all B prompts; mask_input is not used by this decoder (kept as
+            # a graph input, times zero, so every model has the manifest's input set).
+            low_res, iou = self.mask_decoder(image_embed, self.dense_pe, sparse, [high_res_feats_0, high_res_feats_1])
+            low_res = low_res + 0.0 * has * mask_input
+            if self.box_prior is not None:
+                low_res = self.box_prior(low_res, coords, labels)
+            return low_res, iou
         mask_embed = pe.mask_downscaling(mask_input)
         no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
         dense = has * mask_embed + (1.0 - has) * no_mask

@@ -358,3 +358,23 @@ def test_slices_and_calibration(case_copy, caplog) -> None:
     again = calibration_images(d, pp, max_images=4)
     assert all(np.array_equal(a, b) for a, b in zip(imgs, again, strict=True))
     assert "0_broken" in caplog.text
+
+
+def test_min_mask_fill_flag_reaches_the_manifest(small_checkpoint: Path, small_model_dir: Path, tmp_path: Path,
+                                                 capsys) -> None:
+    """`lapsam export --min-mask-fill F` records F in the manifest's preprocessing (default 0: off)."""
+    from lapsam.cli import build_parser, expand_argv
+    from lapsam.export.exporter import export_model
+
+    p = build_parser()
+    assert p.parse_args(expand_argv(["export", "c.pt", "--out", "m", "--min-mask-fill", "0.5"])).min_mask_fill == 0.5
+    assert p.parse_args(expand_argv(["export", "c.pt", "--out", "m"])).min_mask_fill is None
+    for bad in ("1.5", "-0.1", "half"):
+        with pytest.raises(SystemExit):
+            p.parse_args(expand_argv(["export", "c.pt", "--out", "m", "--min-mask-fill", bad]))
+    assert "expected a number in [0, 1]" in capsys.readouterr().err
+    assert ModelManifest.load(small_model_dir).preprocessing.min_mask_fill == 0.0
+    out = tmp_path / "filled"
+    export_model(small_checkpoint, out, backends=("onnx",), simplify=False, min_mask_fill=0.5)
+    assert json.loads((out / "manifest.json").read_text())["preprocessing"]["min_mask_fill"] == 0.5
+    assert ModelManifest.load(out).preprocessing.min_mask_fill == 0.5

@@ -17,6 +17,7 @@ from torch import nn
 
 from lapsam.manifest import Preprocessing
 
+from .lite_decoder import LiteMaskDecoder
 from .prompt import BoxPrior, build_prompt_heads, concat_prompts
 from .student import SUPPORTED_BACKBONES, StudentConfig, StudentEncoder, build_student, param_count
 
@@ -39,6 +40,9 @@ class LapSamConfig:
     crop_mode: str = "union"
     crop_min_px: int = 64
     crop_shared_frac: float = 0.5
+    # Mask decoder: "sam2" (SAM2's, per-prompt two-way transformer; loads a teacher's weights)
+    # or "lite" (LiteMaskDecoder: image-side work once per image, shared by all its prompts).
+    decoder: str = "sam2"
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -60,11 +64,12 @@ class LapSamConfig:
             crop_mode=str(d.get("crop_mode", "union")),
             crop_min_px=int(d.get("crop_min_px", 64)),
             crop_shared_frac=float(d.get("crop_shared_frac", 0.5)),
+            decoder=str(d.get("decoder", "sam2")),
         )
 
 
 class LapSam(nn.Module):
-    """Student encoder + SAM2 prompt encoder + SAM2 mask decoder, single-mask output."""
+    """Student encoder + SAM2 prompt encoder + a mask decoder (SAM2's or the lite one), single-mask output."""
 
     def __init__(self, config: LapSamConfig, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module):
         super().__init__()
@@ -103,15 +108,21 @@ class LapSam(nn.Module):
         """
         coords, labels = concat_prompts(boxes, point_coords, point_labels)
         sparse, dense = self.prompt_encoder(points=(coords, labels), boxes=None, masks=mask_input)
-        out = self.mask_decoder(
-            image_embeddings=image_embed,
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-            repeat_image=repeat_image,
-            high_res_features=[high_res_feats_0, high_res_feats_1],
-        )
+        if isinstance(self.mask_decoder, LiteMaskDecoder):
+            if not repeat_image and image_embed.shape[0] != sparse.shape[0]:
+                raise ValueError("features and prompts must pair up when repeat_image is False")
+            out = self.mask_decoder(image_embed, self.prompt_encoder.get_dense_pe(), sparse,
+                                    [high_res_feats_0, high_res_feats_1])
+        else:
+            out = self.mask_decoder(
+                image_embeddings=image_embed,
+                image_pe=self.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+                repeat_image=repeat_image,
+                high_res_features=[high_res_feats_0, high_res_feats_1],
+            )
         low_res_masks, iou_pred = out[0], out[1]
         if self.box_prior is not None:
             low_res_masks = self.box_prior(low_res_masks, coords, labels)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..sam2_factory import build_sam2_model, resolve_sam2_name
+from .lite_decoder import LiteMaskDecoder
 from .student import EMBED_DIM
 
 if TYPE_CHECKING:
@@ -65,7 +66,11 @@ def concat_prompts(
 
 
 def build_prompt_heads(config: LapSamConfig) -> tuple[nn.Module, nn.Module]:
-    """SAM2's prompt encoder (resized to the student's grid) and mask decoder, from the teacher config."""
+    """SAM2's prompt encoder (resized to the student's grid) and the mask decoder.
+
+    ``config.decoder == "sam2"``: SAM2's mask decoder from the teacher config (with the teacher's
+    weights when it has a checkpoint); ``"lite"``: a :class:`LiteMaskDecoder` (random weights).
+    """
     from sam2.modeling.sam.prompt_encoder import PromptEncoder
 
     teacher_cfg, teacher_size = resolve_sam2_name(config.teacher)
@@ -79,6 +84,10 @@ def build_prompt_heads(config: LapSamConfig) -> tuple[nn.Module, nn.Module]:
     )
     # Same parameter shapes whatever the grid: the teacher's weights carry over.
     pe.load_state_dict(sam.sam_prompt_encoder.state_dict())
+    if config.decoder == "lite":
+        return pe, LiteMaskDecoder(dim=EMBED_DIM)
+    if config.decoder != "sam2":
+        raise ValueError(f"unknown decoder {config.decoder!r} (sam2 or lite)")
     decoder = copy.deepcopy(sam.sam_mask_decoder)
     # The student outputs already-projected high-res features: conv_s0/conv_s1 are unused.
     decoder.conv_s0 = nn.Identity()
