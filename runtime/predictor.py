@@ -205,17 +205,21 @@ class Predictor:
         cache_dir: str | None = None,
         precision_hint: str | None = None,
         config: PredictorConfig | None = None,
+        background: bool = False,
     ) -> Predictor:
-        """Load (sha256-checked) and compile the model in ``path`` once; reuse for every case."""
+        """Load (sha256-checked) and compile the model in ``path`` once; reuse for every case.
+
+        ``background``: return once the compiles are started; the engine waits for them at its first
+        call (:func:`~lapsam.runtime.engines.load_engine`)."""
         path = Path(path)
         manifest = ModelManifest.load(path)
         opts = EngineOptions(backend=backend, precision=precision, threads=threads, cache_dir=cache_dir,
                              precision_hint=precision_hint)
         n = threads or available_cpus()
         t = time.perf_counter()
-        engine = load_engine(path, manifest, opts, n)
-        log.info("loaded %s (%s %s, %d threads) in %.2f s", manifest.name, opts.backend, precision, n,
-                 time.perf_counter() - t)
+        engine = load_engine(path, manifest, opts, n, background=background)
+        log.info("%s %s (%s %s, %d threads) in %.2f s", "started loading" if background else "loaded", manifest.name,
+                 opts.backend, precision, n, time.perf_counter() - t)
         return cls(engine, manifest.preprocessing, config, manifest, threads=n)
 
     @property

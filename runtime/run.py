@@ -9,6 +9,12 @@ Order of work (each step is a check that fails fast, before the costly ones):
 3. remove the temporary files an earlier run killed mid-write (SIGKILL) left for these cases;
 4. load the model once, then run every case; a failing case does not stop the others.
 
+The model load starts the encoder and decoder compiles (or ONNX Runtime sessions) in two worker
+threads and returns (:func:`lapsam.runtime.engines.load_engine` with ``background=True``): the first
+case is read and pre-processed while they run, and the engine waits for each graph at its first
+call. A graph that cannot be opened (:class:`~lapsam.runtime.engines.ModelLoadError`) ends the run
+there, like a model that cannot load before: it is not a failure of that case.
+
 SIGINT and SIGTERM (``docker stop``, timeouts) stop the run between two Python steps: the
 output being written is discarded (its temporary file removed by :func:`lapsam.writers.atomic_write`),
 the finished outputs stay, the summary of the finished cases is logged, and the
@@ -32,6 +38,7 @@ from lapsam.case import load_case, require_cases
 from lapsam.errors import CaseError, Terminated
 from lapsam.writers import check_output_dir, remove_stale_temp_files, write_segs
 
+from .engines import ModelLoadError
 from .predictor import Predictor, PredictorConfig
 
 log = logging.getLogger(__name__)
@@ -56,7 +63,7 @@ class FolderSummary:
     ok: int = 0
     failed: int = 0
     seconds: float = 0.0
-    load_seconds: float = 0.0
+    load_seconds: float = 0.0  # time the run spent on the model load: opening it + waiting for its compiles
     failures: dict[str, str] = field(default_factory=dict)
     case_seconds: dict[str, float] = field(default_factory=dict)
     interrupted: str | None = None  # "SIGINT" / "SIGTERM" when the run was stopped
@@ -136,11 +143,15 @@ def predict_folder(input_dir: str | Path, output_dir: str | Path, model_dir: str
                 with timings.phase("model load (all)"):
                     predictor = Predictor.from_model_dir(model_dir, backend=opts.backend, threads=opts.threads,
                                                          precision=opts.precision, cache_dir=opts.cache_dir,
-                                                         precision_hint=opts.precision_hint, config=cfg)
+                                                         precision_hint=opts.precision_hint, config=cfg,
+                                                         background=True)
             summary.load_seconds = time.perf_counter() - t0
             if on_loaded is not None:
                 on_loaded(predictor)
-            _run_cases(files, out_dir, predictor, opts, summary, on_case)
+            try:
+                _run_cases(files, out_dir, predictor, opts, summary, on_case)
+            finally:
+                summary.load_seconds += _load_wait(predictor)
         except (KeyboardInterrupt, Terminated) as exc:
             # Report what finished, then let the interruption go on (the CLI exits 130 / 143).
             summary.interrupted = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
@@ -155,20 +166,31 @@ def predict_folder(input_dir: str | Path, output_dir: str | Path, model_dir: str
     return summary
 
 
+def _load_wait(predictor: Predictor) -> float:
+    """Seconds the predictor's engine calls waited for the model load (0 for an engine without stats)."""
+    st = getattr(predictor, "stats", None)
+    return float(st.load_wait_s) if st is not None else 0.0
+
+
 def _predict_timed(predictor: Predictor, case):  # type: ignore[no-untyped-def]
-    """``predictor.predict(case)``; with timings on, its encoder / decoder / other time as phases."""
+    """``predictor.predict(case)``; with timings on, its encoder / decoder / other time as phases.
+
+    A wait for the model load during the case is recorded by the engine itself (``waiting for model
+    load: ROLE``) and left out of these three phases, which are placed after it."""
     if not timings.enabled():
         return predictor.predict(case)
     st = getattr(predictor, "stats", None)
     if st is not None:
         st.reset()  # the engine's counters then hold this case's encoder and decoder seconds
+    waited = _load_wait(predictor)
     t = time.time()
     segs = predictor.predict(case)
     end = time.time()
     enc, dec = (st.encoder_s, st.decoder_s) if st is not None else (0.0, 0.0)
-    timings.record_seconds("case: encoder", enc, t + enc)
-    timings.record_seconds("case: decoder", dec, t + enc + dec)
-    timings.record_seconds("case: preprocess, prompts, postprocess", max(0.0, end - t - enc - dec), end)
+    start = t + _load_wait(predictor) - waited
+    timings.record_seconds("case: encoder", enc, start + enc)
+    timings.record_seconds("case: decoder", dec, start + enc + dec)
+    timings.record_seconds("case: preprocess, prompts, postprocess", max(0.0, end - start - enc - dec), end)
     return segs
 
 
@@ -190,6 +212,8 @@ def _run_cases(files: list[Path], out_dir: Path, predictor: Predictor, opts: Pre
                 segs = _predict_timed(predictor, case)
                 with timings.phase("case: write"):
                     write_segs(out_dir / f"{case.name}.npz", segs, case.num_objects)
+            except ModelLoadError:
+                raise  # the model, not this case: no case can run
             except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others
                 summary.failed += 1
                 summary.failures[f.name] = _problem(exc)

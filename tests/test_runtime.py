@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -488,3 +489,176 @@ def test_blas_threads_limited_only_during_predict():
     pred.predict_prompts(unique_volume(3, 32, 32), [])
     assert seen and all(max(s) == 1 for s in seen)
     assert blas_threads_now() == before  # restored after the call
+
+
+# ---- model load: encoder and decoder opened at once, waited for at first use -------------------
+class _FakeGraph:
+    """A :class:`lapsam.runtime.engines.Graph` over a FakeEngine (what a worker thread opens)."""
+
+    def __init__(self, eng: FakeEngine, role: str):
+        from lapsam.manifest import DECODER_INPUTS, ENCODER_INPUT
+
+        self.role, self._eng = role, eng
+        self.inputs = {k: np.dtype(np.float32) for k in ((ENCODER_INPUT,) if role == "encoder" else DECODER_INPUTS)}
+        self.output_names: list[str] = []
+
+    def run(self, feeds, outputs=None):
+        from lapsam.manifest import DECODER_INPUTS, ENCODER_INPUT
+
+        if self.role == "encoder":
+            return list(self._eng.encode(feeds[ENCODER_INPUT]))
+        v = [feeds[k] for k in DECODER_INPUTS]
+        return list(self._eng.decode(tuple(v[:3]), *v[3:]))
+
+
+def _workers() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("lapsam-model-load")]
+
+
+def _no_worker_left() -> bool:
+    for t in _workers():
+        t.join(timeout=30)
+    return not _workers()
+
+
+def test_background_load_runs_the_encoder_while_the_decoder_opens():
+    """The engine waits for each graph at its first use only: the encoder runs while the decoder is
+    still being opened; the result is the one of the same graphs opened before."""
+    import threading
+
+    from lapsam.runtime.engines import GraphEngine, GraphLoad
+
+    ref_pred, _ = make_predictor()
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[10:40, 12:30] = 255
+    case = case2d(img, [[10, 8, 31, 41]])
+    ref = ref_pred.predict(case)
+
+    eng = FakeEngine()
+    decoder_may_open = threading.Event()
+
+    def open_decoder() -> _FakeGraph:
+        assert decoder_may_open.wait(30)
+        return _FakeGraph(eng, "decoder")
+
+    load = GraphLoad({"encoder": lambda: _FakeGraph(eng, "encoder"), "decoder": open_decoder}, "model load (fake)")
+    engine = GraphEngine(load=load)
+    pred = Predictor(engine, PP)
+    feats = pred.engine.encode(preprocess_image(img, PP)[0])  # the decoder is not open yet
+    assert len(eng.encoded) == 1 and not load.done("decoder") and feats[0].shape[0] == 1
+    decoder_may_open.set()
+    np.testing.assert_array_equal(pred.predict(case), ref)
+    assert pred.stats.load_wait_s >= 0.0 and _no_worker_left()
+    pred.stats.reset()  # the per-case counters; the load wait is a total
+    assert pred.stats.encoder_calls == 0
+
+
+def test_a_graph_that_fails_to_open_raises_once_no_worker_runs():
+    """The failed graph's error is raised at its first use (every use), only after the other job has
+    ended; the other graph still works."""
+    import threading
+
+    from lapsam.runtime.engines import GraphEngine, GraphLoad, ModelLoadError
+
+    eng = FakeEngine()
+    ended: list[str] = []
+    release = threading.Event()
+
+    def bad_encoder() -> _FakeGraph:
+        raise ModelLoadError("/m/openvino/encoder_fp32.xml: openvino cannot open it: Unable to read the model")
+
+    def slow_decoder() -> _FakeGraph:
+        assert release.wait(30)
+        ended.append("decoder")
+        return _FakeGraph(eng, "decoder")
+
+    engine = GraphEngine(load=GraphLoad({"encoder": bad_encoder, "decoder": slow_decoder}, "model load (fake)"))
+    timer = threading.Timer(0.2, release.set)
+    timer.start()
+    with pytest.raises(ModelLoadError, match=r"^/m/openvino/encoder_fp32\.xml: openvino cannot open it") as err:
+        engine.ready("encoder")
+    assert ended == ["decoder"] and _no_worker_left()  # the decoder's open had ended before the error came
+    assert "\n" not in str(err.value)
+    with pytest.raises(ModelLoadError):
+        engine.encode(np.zeros((1, 3, S, S), np.float32))
+    assert engine.ready("decoder") >= 0.0 and engine.decoder.role == "decoder"
+    timer.join()
+
+
+def test_counting_engine_keeps_the_load_wait_out_of_the_call_times():
+    from lapsam.runtime.engines import CountingEngine
+
+    class Waiting(FakeEngine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.asked: list[str] = []
+
+        def ready(self, role: str) -> float:
+            self.asked.append(role)
+            return 0.5 if len(self.asked) <= 2 else 0.0  # first use of each graph: "waited" 0.5 s
+
+    inner = Waiting()
+    ce = CountingEngine(inner)
+    feats = ce.encode(np.zeros((1, 3, S, S), np.float32))
+    b = 2
+    ce.decode(feats, np.zeros((b, 4), np.float32), np.zeros((b, 0, 2), np.float32), np.zeros((b, 0), np.float32),
+              np.zeros((b, 1, S // 4, S // 4), np.float32), np.zeros(b, np.float32))
+    ce.encode(np.zeros((1, 3, S, S), np.float32))
+    assert inner.asked == ["encoder", "decoder", "encoder"]
+    assert ce.stats.load_wait_s == 1.0 and ce.stats.encoder_calls == 2 and ce.stats.decoder_items == b
+    ce.stats.reset()
+    assert ce.stats.load_wait_s == 1.0 and ce.stats.encoder_calls == 0
+
+
+def test_predict_folder_timings_with_a_background_load(tmp_path: Path, monkeypatch):
+    """With timings on, a run whose model loads in the background records the concurrent load
+    (marked concurrent) and the main thread's waits; the steps the bench adds up still equal the
+    run's time, the concurrent phases left out."""
+    import json
+
+    from lapsam.runtime.engines import GraphEngine, GraphLoad
+    from lapsam.submission.bench import case_rows, concurrent_rows
+    from lapsam.submission.verify import RunResult
+
+    from lapsam import timings
+
+    monkeypatch.setenv(timings.ENV, "1")
+    timings.reset()
+    inp = tmp_path / "in"
+    inp.mkdir()
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[8:24, 8:24] = 255
+    np.savez(inp / "2DBox_US_good.npz", imgs=img, boxes=np.array([[8, 8, 23, 23]]))
+    eng = FakeEngine()
+
+    def opener(role: str):
+        def job() -> _FakeGraph:
+            t = time.time()
+            graph = _FakeGraph(eng, role)
+            timings.record(f"model load: {role} compile (compiled)", t, time.time(), concurrent=True)
+            return graph
+        return job
+
+    pred = Predictor(GraphEngine(load=GraphLoad({r: opener(r) for r in ("encoder", "decoder")},
+                                                "model load (encoder + decoder compiles, concurrent)")), PP)
+    s = predict_folder(inp, tmp_path / "out", "unused", PredictOptions(progress=False), predictor=pred)
+    assert s.ok == 1 and s.load_seconds >= pred.stats.load_wait_s
+    rep = timings.report()
+    timings.reset()
+    names = [p[0] for p in rep["phases"]]
+    beside = {names[i] for i in rep["concurrent"]}
+    assert beside == {"model load: encoder compile (compiled)", "model load: decoder compile (compiled)",
+                      "model load (encoder + decoder compiles, concurrent)"}
+    for want in ("waiting for model load: encoder", "waiting for model load: decoder", "case: read", "case: encoder",
+                 "case: decoder", "case: preprocess, prompts, postprocess", "case: write"):
+        assert names.count(want) == 1, (want, names)
+    assert "(concurrent)" in "\n".join(ln for ln in timings.lines(rep) if "compile (compiled)" in ln)
+    start, end = rep["t_import"], rep["t_end"]
+    run = RunResult(exit_code=0, wall_s=end + 0.2 - (start - 0.3), t_create=start - 0.3, started_at=start - 0.2,
+                    finished_at=end + 0.1, t_removed=end + 0.2, log_tail="timings-json: " + json.dumps(rep))
+    rows = case_rows(run)
+    assert not beside & {n for n, _ in rows}
+    assert sum(v for _, v in rows) == pytest.approx(run.wall_s)
+    assert [n for n, _ in concurrent_rows(run)][0] == "model load (encoder + decoder compiles, concurrent)"

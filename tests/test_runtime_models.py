@@ -214,3 +214,92 @@ def test_openvino_cache_dir_written_and_corrupt_cache_falls_back(small_model_dir
     not_a_dir.write_text("x")  # a cache path that cannot be a folder: compile without the cache
     third = Predictor.from_model_dir(small_model_dir, backend="openvino", threads=1, cache_dir=str(not_a_dir)).predict(case)
     np.testing.assert_array_equal(ref, third)
+
+
+# ---- model load: encoder and decoder opened at once ------------------------------------------
+def _no_load_worker_left() -> bool:
+    import threading
+
+    for t in threading.enumerate():
+        if t.name.startswith("lapsam-model-load"):
+            t.join(timeout=60)
+    return not any(t.name.startswith("lapsam-model-load") for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_concurrent_load_gives_the_serial_load_outputs(small_model_dir: Path, imgs_dir: Path, backend: str):
+    """Both graphs opened at once (waited for at load, or at first use) run exactly as when opened
+    one after the other; no loader thread is left."""
+    from lapsam.runtime.engines import EngineOptions, load_engine, read_manifest
+
+    m = read_manifest(small_model_dir)
+    case = load_case(imgs_dir / f"{CASE_2D}.npz")
+    s = m.preprocessing.input_size
+    x = np.random.default_rng(0).standard_normal((1, 3, s, s)).astype(np.float32)
+    boxes = np.array([[s * 0.2, s * 0.3, s * 0.6, s * 0.7]], np.float32)
+    prompt = (boxes, np.zeros((1, 0, 2), np.float32), np.zeros((1, 0), np.float32),
+              np.zeros((1, 1, s // 4, s // 4), np.float32), np.zeros(1, np.float32))
+    out = {}
+    for label, concurrent, background in (("serial", False, False), ("concurrent", True, False),
+                                          ("background", True, True)):
+        engine = load_engine(small_model_dir, m, EngineOptions(backend=backend, threads=1, concurrent_load=concurrent),
+                             background=background)
+        feats = engine.encode(x)
+        out[label] = (*feats, *engine.decode(feats, *prompt),
+                      Predictor(engine, m.preprocessing, manifest=m, threads=1).predict(case))
+    for label in ("concurrent", "background"):
+        for a, b in zip(out[label], out["serial"], strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=label)
+    assert _no_load_worker_left()
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_graph_the_backend_cannot_open_is_one_line_error(small_model_dir: Path, tmp_path: Path, imgs_dir: Path,
+                                                         backend: str, caplog, monkeypatch):
+    """A decoder file that passes its sha256 check but that the backend cannot read: the same one-line
+    ModelLoadError naming the file, whether the graphs open one after the other, at once, or in the
+    background (then at the first decoder call); `lapsam predict` stops there, exit 1, nothing written."""
+    import logging
+
+    from lapsam.runtime.engines import EngineOptions, ModelLoadError, load_engine, read_manifest
+
+    from lapsam.cli import main
+    from lapsam.manifest import sha256_file
+
+    bad = tmp_path / "model"
+    shutil.copytree(small_model_dir, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    fb = "onnx" if backend == "onnxruntime" else "openvino"
+    entry = next(f for f in manifest["files"] if f["role"] == "decoder" and f["backend"] == fb)
+    p = bad / entry["path"]
+    p.write_bytes(b"<net><layers>broken" if fb == "openvino" else b"not an onnx model")
+    entry["files"][entry["path"]] = sha256_file(p)  # the hash check passes: the backend must refuse it
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    m = read_manifest(bad)
+    case = load_case(imgs_dir / f"{CASE_2D}.npz")
+    errors = {}
+    for label, concurrent, background in (("serial", False, False), ("concurrent", True, False),
+                                          ("background", True, True)):
+        with pytest.raises(ModelLoadError) as err:
+            engine = load_engine(bad, m, EngineOptions(backend=backend, threads=1, concurrent_load=concurrent),
+                                 background=background)
+            assert background, "only a background load returns before the decoder is open"
+            Predictor(engine, m.preprocessing, manifest=m, threads=1).predict(case)
+        errors[label] = str(err.value)
+    assert len(set(errors.values())) == 1, errors
+    msg = errors["serial"]
+    assert msg.startswith(f"{p}: ") and "\n" not in msg, msg
+    assert _no_load_worker_left()
+
+    monkeypatch.delenv("LAPSAM_OV_CACHE_DIR", raising=False)
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    shutil.copy(imgs_dir / f"{CASE_2D}.npz", inp)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        rc = main(["predict", "-i", str(inp), "-o", str(out), "--model", str(bad), "--backend", backend,
+                   "--threads", "1", "--no-progress"])
+    assert rc == 1
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [msg]
+    assert not list(out.glob("*.npz"))
+    assert _no_load_worker_left()

@@ -355,6 +355,11 @@ def test_predict_timings_and_marker_with_the_default_model(tmp_path: Path, repo_
             assert want in names, (want, names)
         assert all(e >= s for _, s, e in rep["phases"]) and rep["t_end"] >= rep["t_import"]
         assert "timing: case: encoder" in err
+        # the two compiles ran at once in worker threads: marked concurrent; the main thread's waits
+        beside = {names[i] for i in rep["concurrent"]}
+        assert beside == {"model load: encoder compile (compiled)", "model load: decoder compile (compiled)",
+                          "model load (encoder + decoder compiles, concurrent)"}, (beside, names)
+        assert "waiting for model load: encoder" in names and "waiting for model load: decoder" in names
         assert (tmp_path / label / f"{CASE_2D}.npz").is_file()
     assert "model load: encoder hash check skipped (verified at build)" in seen["marker"]
     assert "model load: encoder hash check (sha256)" in seen["no marker"]
@@ -405,20 +410,34 @@ def test_warmup_keeps_weightless_blobs_only_where_they_load(tmp_path: Path) -> N
 
 
 # ---- lapsam bench submission: the breakdown -----------------------------------------------------
-def test_bench_breakdown_adds_up_and_reports_the_ratio() -> None:
+T0 = 1000.0
+
+
+def _bench_runs(phases: list, concurrent: list[int] | None = None):  # type: ignore[no-untyped-def]
+    """A baseline run (0.30 s) and a case run (0.80 s) from T0 whose log holds ``phases``."""
     import json
 
+    from lapsam.submission.verify import RunResult
+
+    rep: dict = {"t_exec": T0 + 0.21, "t_import": T0 + 0.25, "t_end": T0 + 0.60, "phases": phases}
+    if concurrent is not None:
+        rep["concurrent"] = concurrent
+    base = RunResult(exit_code=0, wall_s=0.30, t_create=T0, started_at=T0 + 0.15, finished_at=T0 + 0.17,
+                     t_removed=T0 + 0.30)
+    case = RunResult(exit_code=0, wall_s=0.80, t_create=T0, started_at=T0 + 0.20, finished_at=T0 + 0.65,
+                     t_removed=T0 + 0.80, log_tail="noise\ntimings-json: " + json.dumps(rep))
+    return base, case
+
+
+def test_bench_breakdown_adds_up_and_reports_the_ratio() -> None:
     from lapsam.submission.bench import Series, Variant, baseline_rows, case_rows, format_report
     from lapsam.submission.verify import RunResult, docker_time
 
     assert docker_time("2026-11-27T14:45:12.5Z") == pytest.approx(docker_time("2026-11-27T14:45:12Z") + 0.5)
     assert docker_time("2026-11-27T14:45:12.123456789Z") % 1 == pytest.approx(0.123456789, abs=1e-6)
     assert docker_time("0001-01-01T00:00:00Z") is None and docker_time(None) is None
-    t0 = 1000.0
-    base = RunResult(exit_code=0, wall_s=0.30, t_create=t0, started_at=t0 + 0.15, finished_at=t0 + 0.17,
-                     t_removed=t0 + 0.30)
-    assert [round(v, 3) for _, v in baseline_rows(base)] == [0.17, 0.13]
-    rep = {"t_exec": t0 + 0.21, "t_import": t0 + 0.25, "t_end": t0 + 0.60, "phases": [
+    t0 = T0
+    base, case = _bench_runs([
         ["cli: imports, parser, arguments", t0 + 0.25, t0 + 0.27],
         ["imports: runtime (numpy, lapsam.runtime)", t0 + 0.27, t0 + 0.35],
         ["model load: encoder compile (from cache)", t0 + 0.36, t0 + 0.40],
@@ -426,9 +445,8 @@ def test_bench_breakdown_adds_up_and_reports_the_ratio() -> None:
         ["model load (all)", t0 + 0.355, t0 + 0.46],
         ["case: read", t0 + 0.46, t0 + 0.47],
         ["case: encoder", t0 + 0.47, t0 + 0.52],
-        ["case: write", t0 + 0.55, t0 + 0.56]]}
-    case = RunResult(exit_code=0, wall_s=0.80, t_create=t0, started_at=t0 + 0.20, finished_at=t0 + 0.65,
-                     t_removed=t0 + 0.80, log_tail="noise\ntimings-json: " + json.dumps(rep))
+        ["case: write", t0 + 0.55, t0 + 0.56]])
+    assert [round(v, 3) for _, v in baseline_rows(base)] == [0.17, 0.13]
     rows = case_rows(case)
     names = [n for n, _ in rows]
     assert names[:3] == ["docker: create + start", "shell: bash -c, sh predict.sh",
@@ -442,6 +460,46 @@ def test_bench_breakdown_adds_up_and_reports_the_ratio() -> None:
     assert any("model load: encoder compile (from cache)" in ln for ln in lines)
     with pytest.raises(Exception, match="timings-json"):
         case_rows(RunResult(exit_code=0, wall_s=1.0, t_create=t0, started_at=t0, finished_at=t0, t_removed=t0))
+
+
+def test_bench_breakdown_leaves_concurrent_phases_out_of_the_sum() -> None:
+    """Phases recorded in worker threads (the compiles, opened at once) overlap the main thread's:
+    they are printed apart, under the total, and the steps still add up to the run's time."""
+    from lapsam.submission.bench import (
+        Series,
+        Variant,
+        baseline_rows,
+        case_rows,
+        concurrent_rows,
+        format_report,
+    )
+
+    ms = (  # name, start, end: ms after T0; the 5th, 7th and 8th ran in worker threads
+        ("imports: runtime (numpy, lapsam.runtime)", 250, 330), ("model load: import openvino", 340, 360),
+        ("model load (all)", 340, 370), ("case: read", 370, 380),
+        ("model load: encoder compile (from cache)", 365, 450), ("waiting for model load: encoder", 385, 450),
+        ("model load: decoder compile (from cache)", 366, 480),
+        ("model load (encoder + decoder compiles, concurrent)", 364, 480),
+        ("waiting for model load: decoder", 470, 480), ("case: encoder", 450, 470), ("case: decoder", 480, 500),
+        ("case: write", 500, 510))
+    phases = [[name, T0 + a / 1000, T0 + b / 1000] for name, a, b in ms]
+    base, case = _bench_runs(phases, concurrent=[4, 6, 7])
+    rows, beside = case_rows(case), concurrent_rows(case)
+    assert sum(v for _, v in rows) == pytest.approx(case.wall_s)
+    assert dict(rows)["model load: rest"] == pytest.approx(0.01)  # the compiles are not inside the aggregate
+    assert dict(rows)["waiting for model load: encoder"] == pytest.approx(0.065)
+    assert [n for n, _ in beside] == ["model load (encoder + decoder compiles, concurrent)",
+                                      "model load: encoder compile (from cache)",
+                                      "model load: decoder compile (from cache)"]
+    assert not {n for n, _ in beside} & {n for n, _ in rows}
+    lines = format_report(Variant("A", "img", {}), "2DBox_US_0001.npz", Series([baseline_rows(base)], [0.30]),
+                          Series([rows], [0.80]), Series([beside], []))
+    i = next(i for i, ln in enumerate(lines) if ln.strip().startswith("case total"))
+    assert lines[i + 1].strip().startswith("in worker threads, beside the steps above")
+    assert "model load: decoder compile (from cache)" in lines[i + 4] and "%" not in lines[i + 4]
+    assert lines[-1].strip().startswith("ratio case total / docker run true: 2.67")
+    _, old = _bench_runs(phases[:4])  # a report without the key (an older image): every phase is a step
+    assert concurrent_rows(old) == [] and len(case_rows(old)) > 4
 
 
 def test_timings_off_by_default_and_round_trip(monkeypatch, capsys) -> None:
@@ -459,9 +517,13 @@ def test_timings_off_by_default_and_round_trip(monkeypatch, capsys) -> None:
     with timings.phase("x"):
         pass
     timings.record_seconds("y", 0.25)
+    timings.record("z", 1.0, 2.0, concurrent=True)
     timings.emit()
     err = capsys.readouterr().err
     rep = timings.parse(err)
-    assert [p[0] for p in rep["phases"]] == ["x", "y"] and rep["t_exec"] == pytest.approx(timings.T_IMPORT - 0.05)
+    assert [p[0] for p in rep["phases"]] == ["x", "y", "z"] and rep["t_exec"] == pytest.approx(timings.T_IMPORT - 0.05)
+    assert rep["concurrent"] == [2] and timings.concurrent_indices(rep) == {2}
+    assert "timing: y" in err and "(concurrent)" not in next(ln for ln in err.splitlines() if "timing: y" in ln)
+    assert next(ln for ln in err.splitlines() if "timing: z" in ln).endswith("(concurrent)")
     assert "timing: python start (interpreter, site, lapsam)" in err and "timing: y" in err
     timings.reset()
