@@ -163,11 +163,12 @@ def naive_predict(pred, case) -> np.ndarray:  # type: ignore[no-untyped-def]
 
     pred.stats.reset()
     segs = case.empty_segs()
+    scores = np.full(segs.shape, -np.inf, np.float16)  # overlaps: the higher logit wins, as in Predictor
     if not case.is_3d:
         feats, tf = pred._encode(case.image)
         for i in case.valid_box_indices:
             logits = pred._decode(feats, transform_boxes(case.boxes[i : i + 1], tf))
-            pred._paste(segs, logits[0], tf, case.boxes[i], i + 1)
+            pred._paste(segs, logits[0], tf, case.boxes[i], i + 1, score2d=scores)
         return segs
     d, h, w = case.image.shape
     mid = pred.mid_slices(case)
@@ -192,7 +193,7 @@ def naive_predict(pred, case) -> np.ndarray:  # type: ignore[no-untyped-def]
                     prompt = given
                 feats, tf = pred._encode(case.image[z])
                 logits = pred._decode(feats, transform_boxes(prompt[None], tf))
-                prev = pred._paste(segs[z], logits[0], tf, given, i + 1)
+                prev = pred._paste(segs[z], logits[0], tf, given, i + 1, score2d=scores[z])
                 if start:
                     mid_bb = prev
     return segs

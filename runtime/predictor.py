@@ -273,15 +273,19 @@ class Predictor:
         return masks.reshape(masks.shape[-2], masks.shape[-1])
 
     def _paste(self, seg2d: np.ndarray, logits: np.ndarray, tf: Transform, box_xy: np.ndarray, label: int,
-               fill_box: bool = False) -> tuple[int, int, int, int] | None:
+               fill_box: bool = False, score2d: np.ndarray | None = None) -> tuple[int, int, int, int] | None:
         """Threshold one box's logits on its window, write ``label`` where it wins; return the mask bbox.
 
         ``fill_box`` (2D boxes, manifest ``min_mask_fill`` > 0): a mask covering less than that
-        fraction of its box becomes the whole box.
+        fraction of its box becomes the whole box. Overlaps: with ``score2d`` (the logit of the
+        label written at each pixel so far, -inf where none) a pixel goes to the mask with the
+        higher logit (ties: the larger label), and ``score2d`` is updated; without it, later boxes
+        (larger labels) win.
         """
         h, w = seg2d.shape
         rows, cols = _window(box_xy, h, w, self.config.window_pad_frac, self.config.window_pad_px)
-        m = upsample_logits(logits[None], tf, rows, cols)[0] > self.pp.mask_threshold
+        up = upsample_logits(logits[None], tf, rows, cols)[0]
+        m = up > self.pp.mask_threshold
         if fill_box and self.pp.min_mask_fill > 0:
             x0, y0, x1, y1 = (int(v) for v in box_xy[:4])
             x0, y0 = max(x0, cols.start), max(y0, rows.start)
@@ -290,10 +294,20 @@ class Predictor:
             if inside.size and inside.sum() < self.pp.min_mask_fill * inside.size:
                 m[:] = False
                 inside[:] = True
+                # the box stands in for a weak mask: any other mask's positive logit beats it
+                up = np.where(m, np.float32(self.pp.mask_threshold), up)
         if not m.any():
             return None
         sub = seg2d[rows, cols]
-        sub[m & (sub < label)] = label  # later boxes (larger labels) win overlaps
+        if score2d is None:
+            sub[m & (sub < label)] = label  # later boxes (larger labels) win overlaps
+        else:
+            sc = score2d[rows, cols]
+            mine = up.astype(sc.dtype)  # compared at the stored precision, so equal logits tie
+            # ties (equal logits): the larger label, as without scores
+            win = m & ((mine > sc) | ((mine == sc) & (sub < label)))
+            sub[win] = label
+            sc[win] = mine[win]
         ys = np.flatnonzero(m.any(axis=1))
         xs = np.flatnonzero(m.any(axis=0))
         return (cols.start + int(xs[0]), rows.start + int(ys[0]), cols.start + int(xs[-1]), rows.start + int(ys[-1]))
@@ -341,16 +355,18 @@ class Predictor:
             log.warning("%s: clicks are only used on 3D cases", case.name)
         segs = case.empty_segs()
         if case.valid_box_indices:
+            # Overlapping boxes: each pixel goes to the mask with the highest logit there (float16
+            # logits of the label written so far), across crop windows too: a window works on
+            # views of ``segs`` and ``scores``.
+            scores = np.full(segs.shape, -np.inf, np.float16)
             # a model trained with crop_context: each group of boxes on its own window
             for win, idx in case_windows(case, self.pp):
                 sub = crop_case(case, win) if win is not None else case
-                sub_segs = sub.empty_segs() if win is not None else segs
+                view = (slice(None),) * (segs.ndim - 2) + ((slice(win[0], win[1]), slice(win[2], win[3])) if win else ())
                 if case.is_3d:
-                    self._predict_3d(sub, sub_segs, report, idx)
+                    self._predict_3d(sub, segs[view], report, idx, scores[view])
                 else:
-                    self._predict_2d(sub, sub_segs, idx)
-                if win is not None:
-                    paste_labels(segs, sub_segs, win)
+                    self._predict_2d(sub, segs[view], idx, scores[view])
         self._finish(report, t)
         return segs
 
@@ -429,14 +445,14 @@ class Predictor:
         self.last_report = report
 
     # ---- 2D ---------------------------------------------------------------------------
-    def _predict_2d(self, case: Case, segs: np.ndarray, idx: list[int]) -> None:
+    def _predict_2d(self, case: Case, segs: np.ndarray, idx: list[int], scores: np.ndarray | None = None) -> None:
         feats, tf = self._encode(case.image)
         step = self.config.decoder_batch
         for s in range(0, len(idx), step):
             chunk = idx[s : s + step]
             logits = self._decode(feats, transform_boxes(case.boxes[chunk], tf))
             for j, i in enumerate(chunk):
-                self._paste(segs, logits[j], tf, case.boxes[i], i + 1, fill_box=True)
+                self._paste(segs, logits[j], tf, case.boxes[i], i + 1, fill_box=True, score2d=scores)
 
     # ---- 3D ---------------------------------------------------------------------------
     def mid_slices(self, case: Case) -> np.ndarray:
@@ -445,16 +461,18 @@ class Predictor:
             return np.asarray(case.box_mid_z, np.int64)
         return (b[:, 2] + b[:, 5]) // 2
 
-    def _predict_3d(self, case: Case, segs: np.ndarray, report: CaseReport, valid: list[int]) -> None:
+    def _predict_3d(self, case: Case, segs: np.ndarray, report: CaseReport, valid: list[int],
+                    scores: np.ndarray | None = None) -> None:
         self._sweep(case.image, case.boxes[valid], self.mid_slices(case)[valid], [i + 1 for i in valid], segs, report,
-                    follow_prompt=False)
+                    follow_prompt=False, scores=scores)
 
     def _sweep(self, image: np.ndarray, boxes: np.ndarray, mid: np.ndarray, labels: list[int], segs: np.ndarray,
-               report: CaseReport, follow_prompt: bool) -> None:
+               report: CaseReport, follow_prompt: bool, scores: np.ndarray | None = None) -> None:
         """The two sweeps of the module docstring for boxes (N, 6) with start slices ``mid`` and ``labels``.
 
         ``follow_prompt``: the window and the vanished-mask fallback follow each slice's
-        prompt (2025 boxes) instead of the given box (2024 tight 3D boxes).
+        prompt (2025 boxes) instead of the given box (2024 tight 3D boxes). ``scores``: per-pixel
+        logits of the labels written so far (see :meth:`_paste`); None: later labels win.
         """
         cfg = self.config
         d, h, w = image.shape[:3]
@@ -498,7 +516,8 @@ class Predictor:
                 return
             logits = self._decode(feats, transform_boxes(np.stack([p for _, p in todo]), tf))
             for j, (b, prompt) in enumerate(todo):
-                prev[b] = self._paste(segs[z], logits[j], tf, prompt if follow_prompt else given[b], labels[b])
+                prev[b] = self._paste(segs[z], logits[j], tf, prompt if follow_prompt else given[b], labels[b],
+                                      score2d=None if scores is None else scores[z])
                 if follow_prompt:
                     last[b] = prompt
 

@@ -221,13 +221,24 @@ def test_3d_vanishing_mask_policy(on_empty: str):
     assert r.encoder_calls == r.decoder_items
 
 
-def test_3d_later_box_wins_overlap_across_sweeps():
+def test_3d_equal_logits_go_to_the_larger_label_across_sweeps():
+    """Overlaps go to the higher logit; where the fake engine's logits are equal (+10 inside both
+    masks, away from the bilinear edges) the larger label wins, whichever sweep wrote last."""
     d, h, w = 16, 40, 40
     vol = unique_volume(d, h, w, 4)
     vol[:, 5:35, 5:35] = 250
     # box 1's middle is high (its downward sweep reaches slice 4 after box 2's upward sweep did)
     boxes = [[5, 5, 0, 34, 34, 15], [5, 5, 2, 34, 34, 6]]
-    pred, _ = make_predictor()
+
+    class BoxBlind(FakeEngine):
+        """Every prompt gets the same logits (bright pixels), so all overlaps are ties."""
+
+        def decode(self, feats, boxes, point_coords, point_labels, mask_input, has_mask_input):
+            out, iou = super().decode(feats, boxes, point_coords, point_labels, mask_input, has_mask_input)
+            out[:] = np.where(feats[1][0, 0] > 0.0, 10.0, -10.0)
+            return out, iou
+
+    pred = Predictor(BoxBlind(), PP, PredictorConfig())
     segs = pred.predict(case3d(vol, boxes))
     assert (segs[2:7, 10:30, 10:30] == 2).all()
     assert (segs[8:16, 10:30, 10:30] == 1).all() and (segs[0:2, 10:30, 10:30] == 1).all()

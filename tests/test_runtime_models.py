@@ -141,7 +141,7 @@ def test_backends_agree_and_3d_counts(small_model_dir: Path, imgs_dir: Path):
 def _torch_reference(model, case, pp, frac: float, pad: int) -> np.ndarray:
     """segs of a 2D case computed with torch alone: SAM2's antialiased resize, normalise, pad, box
     scaling, F.interpolate of the logits (to S, crop, to the original size), the documented window,
-    later boxes painted over earlier ones. No lapsam pre/post-processing code."""
+    overlaps to the higher logit. No lapsam pre/post-processing code."""
     import torch
     import torch.nn.functional as F
 
@@ -162,10 +162,16 @@ def _torch_reference(model, case, pp, frac: float, pad: int) -> np.ndarray:
         logits, _ = model.decode(*feats, boxes=boxes, repeat_image=True)
         up = F.interpolate(logits, size=(s, s), mode="bilinear", align_corners=False)[..., :nh, :nw]
         up = F.interpolate(up, size=(h, w), mode="bilinear", align_corners=False)[:, 0].numpy()
+    # overlaps: the pixel goes to the box with the highest logit there (ties: the later box)
     ref = np.zeros((h, w), np.int64)
-    for i, (m, bx) in enumerate(zip(up > pp.mask_threshold, case.boxes, strict=True)):
+    best = np.full((h, w), -np.inf)
+    for i, (m, lg, bx) in enumerate(zip(up > pp.mask_threshold, up, case.boxes, strict=True)):
         r, c = _box_window(bx, h, w, frac, pad)
-        ref[r, c][m[r, c]] = i + 1
+        take = np.zeros((h, w), bool)
+        take[r, c] = m[r, c]
+        take &= lg >= best
+        ref[take] = i + 1
+        best[take] = lg[take]
     return ref
 
 
