@@ -279,8 +279,9 @@ class Predictor:
         ``fill_box`` (2D boxes, manifest ``min_mask_fill`` > 0): a mask covering less than that
         fraction of its box becomes the whole box. Overlaps: with ``score2d`` (the logit of the
         label written at each pixel so far, -inf where none) a pixel goes to the mask with the
-        higher logit (ties: the larger label), and ``score2d`` is updated; without it, later boxes
-        (larger labels) win.
+        higher logit (ties: the larger label), and ``score2d`` is updated; a box that replaced a
+        weak mask scores ``mask_threshold`` minus its share of the image (below every real mask;
+        the smaller of two such boxes wins). Without ``score2d``, later boxes (larger labels) win.
         """
         h, w = seg2d.shape
         rows, cols = _window(box_xy, h, w, self.config.window_pad_frac, self.config.window_pad_px)
@@ -294,8 +295,11 @@ class Predictor:
             if inside.size and inside.sum() < self.pp.min_mask_fill * inside.size:
                 m[:] = False
                 inside[:] = True
-                # the box stands in for a weak mask: any other mask's positive logit beats it
-                up = np.where(m, np.float32(self.pp.mask_threshold), up)
+                # The box stands in for a weak mask. Its score lies below the threshold, so any
+                # other mask's positive logit beats it, and falls with the box's share of the image,
+                # so of two such boxes the smaller (e.g. one nested in the other) keeps its pixels.
+                share = inside.size / float(h * w)
+                up = np.where(m, np.float32(self.pp.mask_threshold - share), up)
         if not m.any():
             return None
         sub = seg2d[rows, cols]

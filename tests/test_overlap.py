@@ -110,3 +110,19 @@ def test_3d_overlap_goes_to_the_more_confident_box() -> None:
     assert (segs[:, 45:75, 22:30] == 2).all()  # propagated prompts grow by margin_px a slice
     pred = Predictor(ConfidentEngine(lambda b: 10.0), PP, PredictorConfig())
     assert (pred.predict(case3d(vol, boxes))[:, 45:75, 42:58] == 2).all()
+
+
+def test_nested_fallback_boxes_keep_the_inner_box_and_lose_to_real_masks() -> None:
+    """Boxes whose masks are too small (``min_mask_fill``) become their box; where two such boxes
+    overlap, the smaller keeps its pixels; a real mask beats both."""
+    pp = Preprocessing(input_size=S, min_mask_fill=0.5)
+    img = np.zeros((128, 128, 3), np.uint8)
+    img[64:128, 64:128] = 255  # box 3 finds a real mask (bright pixels); boxes 1 and 2 see none
+    boxes = [[30, 30, 59, 59], [20, 20, 89, 89], [64, 64, 127, 127]]  # box 1 inside box 2; box 3 overlaps box 2
+    pred = Predictor(FakeEngine(), pp, PredictorConfig())
+    segs = pred.predict(case2d(img, boxes))
+    assert (segs[30:60, 30:60] == 1).all()  # the nested, smaller fallback box keeps its area
+    assert (segs[20:30, 20:90] == 2).all() and (segs[20:64, 60:64] == 2).all()  # the outer one the rest
+    assert (segs[66:128, 66:128] == 3).all()  # the real mask beats the fallback box 2 in the overlap
+    # without scores (the old rule) the later, larger box 2 would have covered box 1
+    assert not (segs[30:60, 30:60] == 2).any()
