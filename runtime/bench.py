@@ -183,7 +183,7 @@ def naive_predict(pred, case) -> np.ndarray:  # type: ignore[no-untyped-def]
         for chain in (up, down):
             prev = mid_bb
             for z, start in chain:
-                if start:
+                if start or pred.config.prompt_3d == "given":
                     prompt = given
                 elif prev is not None:
                     prompt = pred._grow(prev, h, w)

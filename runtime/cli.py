@@ -54,6 +54,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def add_propagation_args(p: argparse.ArgumentParser) -> None:
     """3D propagation options and the progress switch, shared by ``predict`` and ``segment``."""
+    p.add_argument("--prompt-3d", choices=("given", "propagate"), default="given",
+                   help="3D boxes: prompt every slice with the given box (default) or with the previous "
+                   "slice's mask box (propagate)")
     p.add_argument("--margin", type=int, default=2,
                    help="3D: pixels added around the previous slice's mask box for the next prompt (default 2)")
     p.add_argument("--on-empty", choices=("box", "stop"), default="box",
@@ -103,7 +106,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with timings.phase("model folder check (manifest.json)"):
         read_manifest(model)  # a folder that is not a model: one error line, exit code 2
     opts = engine_options(args, decoder_batch=args.decoder_batch, margin_px=args.margin, on_empty=args.on_empty,
-                          progress=not args.no_progress)
+                          prompt_3d=args.prompt_3d, progress=not args.no_progress)
     # The loaded engines stay referenced from args until the process ends: `lapsam predict` run as a
     # program then exits without tearing them down (lapsam.cli.main, exit_fast).
     args.keep_alive = []

@@ -3,9 +3,10 @@
 2D: one encoder call per image, all boxes decoded in chunks of ``decoder_batch``.
 
 3D: each box starts on its middle slice (``box_mid_z`` when the case gives one, else
-``(z_min + z_max) // 2``) with the given box, and propagates slice by slice to ``z_max``
-and down to ``z_min`` (inclusive); the prompt on each next slice is the bounding box of
-the previous slice's mask grown by ``margin_px``. Work is scheduled as two sweeps over
+``(z_min + z_max) // 2``) with the given box, and goes slice by slice to ``z_max``
+and down to ``z_min`` (inclusive). The prompt on each next slice is, for 2024 boxes with
+``prompt_3d="given"`` (the default), the given box again; with ``"propagate"`` (and always
+for 2025 box sweeps) the bounding box of the previous slice's mask grown by ``margin_px``. Work is scheduled as two sweeps over
 the slices so that every slice is encoded at most once per case:
 
 1. ascending over every slice that has "upward" work (middle slice .. z_max of some box),
@@ -111,6 +112,7 @@ from .interactive import (
 log = logging.getLogger(__name__)
 
 ON_EMPTY = ("box", "stop")
+PROMPT_3D = ("given", "propagate")
 
 
 @dataclass
@@ -118,6 +120,10 @@ class PredictorConfig:
     """Scheduling and post-processing knobs (the defaults are what ``lapsam predict`` uses)."""
 
     decoder_batch: int = 16  # boxes per decoder call (bounds decoder memory)
+    # 2024 3D boxes: prompt every slice with the given box ("given"), or with the previous slice's
+    # mask bbox grown by margin_px ("propagate"). 2025 sweeps always propagate (their box is the
+    # middle slice's). "given" measured better on the default model (models/default/README.md).
+    prompt_3d: str = "given"
     margin_px: int = 2  # propagated prompt = previous mask's bbox grown by this many pixels
     on_empty: str = "box"  # what to prompt when the previous slice's mask is empty: "box" | "stop"
     window_pad_frac: float = 0.1  # masks are computed on the box grown by this fraction of its size ...
@@ -134,6 +140,8 @@ class PredictorConfig:
     mask_input_logit: float = 10.0  # |logit| of that mask_input inside / outside the previous mask
 
     def __post_init__(self) -> None:
+        if self.prompt_3d not in PROMPT_3D:
+            raise ValueError(f"prompt_3d must be one of {PROMPT_3D}, got {self.prompt_3d!r}")
         if self.on_empty not in ON_EMPTY:
             raise ValueError(f"on_empty must be one of {ON_EMPTY}, got {self.on_empty!r}")
         if self.decoder_batch < 1:
@@ -489,6 +497,7 @@ class Predictor:
         cache = EmbeddingCache(int(cfg.cache_limit_mb * 2**20), fp16=cfg.cache_fp16)
         tf = get_transform((h, w), self.pp)
         given = {b: boxes[b, [0, 1, 3, 4]].astype(np.float32) for b in valid}
+        every_given = not follow_prompt and cfg.prompt_3d == "given"  # 2024 boxes: the given box on every slice
         up_prev: dict[int, tuple[int, int, int, int] | None] = {}
         down_prev: dict[int, tuple[int, int, int, int] | None] = {}
         # the fallback prompt of a vanished mask: the given box, or (follow_prompt) the last prompt
@@ -501,7 +510,7 @@ class Predictor:
         def prompts_for(active: list[int], prev: dict, last: dict, stopped: set[int], start: dict[int, bool]) -> list[tuple[int, np.ndarray]]:
             out = []
             for b in active:
-                if start[b]:
+                if start[b] or every_given:
                     out.append((b, given[b]))
                     continue
                 bb = prev.get(b)

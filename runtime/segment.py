@@ -108,7 +108,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     seg = Segmenter.from_model_dir(model, backend=args.backend, threads=args.threads, precision=args.precision,
                                    cache_dir=args.cache_dir, precision_hint=args.precision_hint,
-                                   config=SegmenterConfig(cache_mb=0, margin_px=args.margin))
+                                   config=SegmenterConfig(cache_mb=0, margin_px=args.margin,
+                                                          prompt_3d=args.prompt_3d))
     load_s = time.perf_counter() - t
     t = time.perf_counter()
     if vol.is_3d:

@@ -190,12 +190,30 @@ def test_3d_prompt_is_previous_mask_bbox_plus_margin():
     vol = unique_volume(d, h, w, 2)
     vol[:, 20:40, 24:44] = 250  # a bright bar: same 20 x 20 square on every slice
     given = [10, 10, 3, 54, 54, 9]  # much larger than the object
-    pred, eng = make_predictor(margin_px=3, decoder_batch=4)
+    pred, eng = make_predictor(margin_px=3, decoder_batch=4, prompt_3d="propagate")
     pred.predict(case3d(vol, [given]))
     sx = S / w
     first, second = eng.decode_batches[0][0], eng.decode_batches[1][0]
     np.testing.assert_allclose(first, np.array([10, 10, 54, 54]) * sx)  # middle slice: the given box
     np.testing.assert_allclose(second, np.array([24 - 3, 20 - 3, 43 + 3, 39 + 3]) * sx)  # mask bbox + margin
+
+
+def test_3d_default_prompts_every_slice_with_the_given_box():
+    """2024 boxes, prompt_3d="given" (the default): every slice's prompt is the given box, and a
+    vanished mask changes nothing (no fallback, no stop)."""
+    d, h, w = 12, 64, 64
+    vol = unique_volume(d, h, w, 2)
+    vol[3:7, 20:40, 24:44] = 250  # the object ends at slice 6; the box runs to slice 9
+    given = [10, 10, 3, 54, 54, 9]
+    for on_empty in ("box", "stop"):
+        pred, eng = make_predictor(on_empty=on_empty)
+        segs = pred.predict(case3d(vol, [given]))
+        sent = np.concatenate(eng.decode_batches)
+        np.testing.assert_allclose(sent, np.tile(np.array([[10, 10, 54, 54]]) * (S / w), (7, 1)))
+        assert pred.last_report.empty_fallbacks == 0 and pred.last_report.stopped == 0
+        assert (segs[3:7, 22:38, 26:42] == 1).all() and not segs[7:].any()
+    with pytest.raises(ValueError, match="prompt_3d"):
+        PredictorConfig(prompt_3d="tight")
 
 
 @pytest.mark.parametrize("on_empty", ["box", "stop"])
@@ -205,7 +223,7 @@ def test_3d_vanishing_mask_policy(on_empty: str):
     vol[:, 14:34, 14:34] = 250
     vol[14] = 5  # the object disappears on slice 14 (between middle 10 and z_max 18)
     vol[5] = 5  # ... and on slice 5 (between z_min 2 and middle)
-    pred, eng = make_predictor(on_empty=on_empty)
+    pred, eng = make_predictor(on_empty=on_empty, prompt_3d="propagate")
     segs = pred.predict(case3d(vol, [[12, 12, 2, 36, 36, 18]]))
     r = pred.last_report
     present = [z for z in range(d) if (segs[z] == 1).any()]

@@ -106,6 +106,7 @@ class SegmenterConfig:
     cache_mb: float = 1024.0  # slice embeddings kept (float32; 4 MiB per slice at 512 input)
     margin_px: int = 2
     decoder_batch: int = 16
+    prompt_3d: str = "given"  # PredictorConfig.prompt_3d
 
 
 class Segmenter:
@@ -122,7 +123,7 @@ class Segmenter:
             on_empty: Predictor(
                 self.engine, preprocessing,
                 PredictorConfig(on_empty=on_empty, margin_px=self.config.margin_px,
-                                decoder_batch=self.config.decoder_batch),
+                                decoder_batch=self.config.decoder_batch, prompt_3d=self.config.prompt_3d),
                 manifest, threads=self.threads,
             )
             for on_empty in ("box", "stop")
