@@ -58,9 +58,11 @@ def add_propagation_args(p: argparse.ArgumentParser) -> None:
                    help="3D boxes: prompt every slice with the given box (default) or with the previous "
                    "slice's mask box (propagate)")
     p.add_argument("--margin", type=int, default=2,
-                   help="3D: pixels added around the previous slice's mask box for the next prompt (default 2)")
+                   help="3D with --prompt-3d propagate: pixels added around the previous slice's mask box for the next "
+                   "prompt (default 2)")
     p.add_argument("--on-empty", choices=("box", "stop"), default="box",
-                   help="3D: when a mask vanishes, prompt the next slice with the given box (default) or stop")
+                   help="3D with --prompt-3d propagate: when a mask vanishes, prompt the next slice with the given box "
+                   "(default) or stop")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

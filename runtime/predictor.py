@@ -288,7 +288,7 @@ class Predictor:
         fraction of its box becomes the whole box. Overlaps: with ``score2d`` (the logit of the
         label written at each pixel so far, -inf where none) a pixel goes to the mask with the
         higher logit (ties: the larger label), and ``score2d`` is updated; a box that replaced a
-        weak mask scores ``mask_threshold`` minus its share of the image (below every real mask;
+        weak mask scores ``mask_threshold`` minus a number that grows with its area (below every real mask;
         the smaller of two such boxes wins). Without ``score2d``, later boxes (larger labels) win.
         """
         h, w = seg2d.shape
@@ -304,10 +304,11 @@ class Predictor:
                 m[:] = False
                 inside[:] = True
                 # The box stands in for a weak mask. Its score lies below the threshold, so any
-                # other mask's positive logit beats it, and falls with the box's share of the image,
-                # so of two such boxes the smaller (e.g. one nested in the other) keeps its pixels.
-                share = inside.size / float(h * w)
-                up = np.where(m, np.float32(self.pp.mask_threshold - share), up)
+                # other mask's positive logit beats it, and falls with the box's area in pixels
+                # (not the window's, which differs between crop windows), so of two such boxes the
+                # smaller (e.g. one nested in the other) keeps its pixels.
+                area = float(inside.size)
+                up = np.where(m, np.float32(self.pp.mask_threshold - area / (area + 4096.0)), up)
         if not m.any():
             return None
         sub = seg2d[rows, cols]
