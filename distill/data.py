@@ -294,6 +294,11 @@ class PromptConfig:
     # Loose boxes (users' boxes are not tight): each side moves out by up to this fraction.
     loose_box_prob: float = 0.0
     loose_box_max: float = 0.3
+    # Per-box crops (crop_mode "box"): also train on the other objects whose box (x/y extent
+    # over the volume for 3D) lies inside the window and whose longer side is at least this
+    # fraction of the cropped object's, so that objects stay near the runtime's scale and
+    # one encoded crop supervises several objects. 0: the cropped object only.
+    window_neighbours: float = 0.0
 
 
 @dataclass
@@ -388,6 +393,22 @@ def sample_points(mask: np.ndarray, box: np.ndarray | None, n: int, rng: np.rand
     return coords, labels
 
 
+def window_neighbours(boxes: dict[int, np.ndarray], box: np.ndarray, win: tuple[int, int, int, int],
+                      min_ratio: float) -> list[int]:
+    """Labels of ``boxes`` (inclusive x0, y0, x1, y1) that lie inside ``win`` (y0, y1, x0, x1, end
+    exclusive) and whose longer side is at least ``min_ratio`` times that of ``box``."""
+    side = float(max(box[2] - box[0], box[3] - box[1]) + 1)
+    y0, y1, x0, x1 = win
+    out = []
+    for u, b in boxes.items():
+        if b is None:
+            continue
+        inside = b[0] >= x0 and b[1] >= y0 and b[2] < x1 and b[3] < y1
+        if inside and max(b[2] - b[0], b[3] - b[1]) + 1 >= min_ratio * side:
+            out.append(int(u))
+    return sorted(out)
+
+
 class PromptSliceDataset:
     """Stage 2 items: augmented ``image`` (3, S, S), ``masks`` (K, S, S) of K objects, prompts.
 
@@ -420,6 +441,7 @@ class PromptSliceDataset:
         ref = self.refs[i]
         volume = self.store.get(ref.case)[1] if ref.z >= 0 else None
         only: int | None = None  # the one object of a per-box crop (crop_mode "box")
+        others: list[int] = []  # ... and the other objects trained in its window (window_neighbours)
         if ctx > 0 and (not self.train or (a.enabled and rng.random() < a.crop_prob)):
             # the runtime's crop (lapsam.preprocess.box_windows), the context scaled at random
             if self.train:
@@ -434,6 +456,10 @@ class PromptSliceDataset:
                 own = crop_window(vbox, hh, ww, self.pp.crop_min_px, ctx)
                 if (own[1] - own[0]) * (own[3] - own[2]) < self.pp.crop_shared_frac * hh * ww:
                     win, only = own, v
+                    if self.cfg.prompt.window_neighbours > 0:
+                        others = window_neighbours(
+                            {u: self.store.label_box(ref.case, u) if volume is not None else label_union(lab == u)
+                             for u in present if u != v}, vbox, own, self.cfg.prompt.window_neighbours)
             if win is None:  # around the union of everything labelled (whole volume for 3D)
                 win = crop_window(label_union(extent), hh, ww, s, ctx)
             y0, y1, x0, x1 = win
@@ -444,9 +470,13 @@ class PromptSliceDataset:
             img = _intensity(img, rng, a)
         x, tf = preprocess_image(img, self.pp)
         x = x[0]
-        labels = [only] if only is not None else [int(v) for v in np.unique(lab) if v != 0]
         k = p.objects_per_image
-        rng.shuffle(labels)
+        if only is not None:  # the cropped object first, then its neighbours in random order
+            rng.shuffle(others)
+            labels = [only, *others]
+        else:
+            labels = [int(v) for v in np.unique(lab) if v != 0]
+            rng.shuffle(labels)
 
         def at_input(mask2d: np.ndarray) -> np.ndarray:
             out = np.zeros((s, s), np.uint8)

@@ -16,6 +16,8 @@ applies to the worst case.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import re
@@ -220,7 +222,9 @@ def run_check(
     torch.set_num_threads(threads)
     model = load_lapsam(ckpt)
     pp = manifest.preprocessing
-    if model.preprocessing != pp:
+    # min_mask_fill is a post-processing rule chosen at export (``lapsam export --min-mask-fill``),
+    # not part of the checkpoint or the graphs: everything else must match
+    if dataclasses.replace(model.preprocessing, min_mask_fill=pp.min_mask_fill) != pp:
         raise ExportError(f"{ckpt}: preprocessing {model.preprocessing} differs from the manifest's {pp}")
 
     slices: list[PromptedSlice] = []

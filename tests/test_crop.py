@@ -179,6 +179,66 @@ def test_training_crop_is_the_runtime_window(tmp_path) -> None:
     assert len(seen) >= 2  # own windows are drawn (and the shared object falls back to the union)
 
 
+def test_window_neighbours_train_nearby_objects_of_similar_size(tmp_path) -> None:
+    """prompt.window_neighbours: an own window also trains the objects that lie wholly inside it
+    and are not much smaller; without it the cropped object is the only target."""
+    from lapsam.distill.data import (AugmentConfig, CaseStore, FinetuneItemConfig, PromptConfig,
+                                     PromptSliceDataset, find_cases, index_slices)
+
+    yy, xx = np.mgrid[:400, :400]
+
+    def disc(cy: int, cx: int, r: int) -> np.ndarray:
+        return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+    objs = {1: disc(100, 100, 20),  # A: 41 px; its window is 2.5 x 41 = 103 px around it
+            2: disc(132, 100, 10),  # B: 21 px, wholly inside A's window, >= half A's side
+            3: disc(70, 72, 3),  # C: 7 px, inside A's window but too small to ride along
+            4: disc(100, 142, 20)}  # D: as large as A, half outside A's window
+    lab = np.zeros((400, 400), np.uint8)
+    for v, m in objs.items():
+        lab[m] = v
+    img = np.where(lab > 0, 250, 20).astype(np.uint8)
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "gts").mkdir()
+    np.savez(tmp_path / "imgs" / "2DBox_US_fake_0001.npz", imgs=img, boxes=np.zeros((4, 4), np.int64))
+    np.savez(tmp_path / "gts" / "2DBox_US_fake_0001.npz", gts=lab)
+    store = CaseStore(find_cases([tmp_path]))
+    refs = index_slices(store)
+    aug = AugmentConfig(enabled=True, hflip=0, vflip=0, affine_prob=0, intensity_prob=0, crop_prob=1.0,
+                        crop_scale=(1.0, 1.0))
+    boxes = {}
+    for v, m in objs.items():
+        ys, xs = np.nonzero(m)
+        boxes[v] = np.array([xs.min(), ys.min(), xs.max(), ys.max()])
+    wins = {v: crop_window(b, 400, 400, BOX.crop_min_px, BOX.crop_context) for v, b in boxes.items()}
+
+    def targets_of(ratio: float) -> dict[int, set[int]]:
+        cfg = FinetuneItemConfig(aug, PromptConfig(objects_per_image=4, box_jitter=0.0, point_prob=0.0,
+                                                   window_neighbours=ratio))
+        ds = PromptSliceDataset(store, refs, BOX, cfg, seed=0, train=True)
+        out: dict[int, set[int]] = {}
+        for epoch in range(16):
+            ds.set_epoch(epoch)
+            item = ds[0]
+            own = [v for v, (y0, y1, x0, x1) in wins.items()
+                   if np.array_equal(preprocess_image(img[y0:y1, x0:x1], BOX)[0][0], item["image"])]
+            assert len(own) == 1
+            y0, y1, x0, x1 = wins[own[0]]
+            found = set()
+            for t in item["masks"]:  # which objects' masks (as cropped and resized) are the targets
+                for v, m in objs.items():
+                    ref = preprocess_image(m[y0:y1, x0:x1].astype(np.uint8) * 255, BOX)[0][0, 0] > 0
+                    if ref.any() and dsc(t > 0, ref) > 0.9:
+                        found.add(v)
+            out.setdefault(own[0], set()).update(found)
+        return out
+
+    on, off = targets_of(0.5), targets_of(0.0)
+    assert 1 in on and on[1] == {1, 2}  # A's window: A and B, not the tiny C nor the cut D
+    assert all(found == {v} for v, found in off.items())  # off: the cropped object alone
+    assert 1 in off
+
+
 # ---- min_mask_fill: the box instead of a mask that covers too little of it -----------------
 def test_min_mask_fill_2d() -> None:
     img = np.zeros((200, 200, 3), np.uint8)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 from pathlib import Path
@@ -361,7 +363,7 @@ def test_slices_and_calibration(case_copy, caplog) -> None:
 
 
 def test_min_mask_fill_flag_reaches_the_manifest(small_checkpoint: Path, small_model_dir: Path, tmp_path: Path,
-                                                 capsys) -> None:
+                                                 capsys, case_copy) -> None:
     """`lapsam export --min-mask-fill F` records F in the manifest's preprocessing (default 0: off)."""
     from lapsam.cli import build_parser, expand_argv
     from lapsam.export.exporter import export_model
@@ -378,3 +380,14 @@ def test_min_mask_fill_flag_reaches_the_manifest(small_checkpoint: Path, small_m
     export_model(small_checkpoint, out, backends=("onnx",), simplify=False, min_mask_fill=0.5)
     assert json.loads((out / "manifest.json").read_text())["preprocessing"]["min_mask_fill"] == 0.5
     assert ModelManifest.load(out).preprocessing.min_mask_fill == 0.5
+    # `export check` against the checkpoint: min_mask_fill is the export's rule, not the checkpoint's
+    from lapsam.export.check import run_check
+    from lapsam.export.exporter import ExportError
+
+    res = run_check(out, case_copy(CASE_2D), checkpoint=small_checkpoint, threads=2, max_slices=1, bf16=False)
+    assert [r.name for r in res] == ["onnxruntime/fp32"] and res[0].passed
+    m = ModelManifest.load(out)  # any other preprocessing difference still refuses the checkpoint
+    m.preprocessing = dataclasses.replace(m.preprocessing, mask_threshold=1.0)
+    m.save(out)
+    with pytest.raises(ExportError, match="differs from the manifest"):
+        run_check(out, case_copy(CASE_2D), checkpoint=small_checkpoint, threads=2, max_slices=1, bf16=False)
