@@ -452,14 +452,13 @@ class PromptSliceDataset:
             present = [int(v) for v in np.unique(lab) if v != 0]
             if self.pp.crop_mode == "box" and present:
                 v = present[int(rng.integers(len(present)))]
-                vbox = self.store.label_box(ref.case, v) if volume is not None else label_union(lab == v)
+                vbox = self.store.label_box(ref.case, v)  # cached; over the whole volume for 3D
                 own = crop_window(vbox, hh, ww, self.pp.crop_min_px, ctx)
                 if (own[1] - own[0]) * (own[3] - own[2]) < self.pp.crop_shared_frac * hh * ww:
                     win, only = own, v
                     if self.cfg.prompt.window_neighbours > 0:
-                        others = window_neighbours(
-                            {u: self.store.label_box(ref.case, u) if volume is not None else label_union(lab == u)
-                             for u in present if u != v}, vbox, own, self.cfg.prompt.window_neighbours)
+                        others = window_neighbours({u: self.store.label_box(ref.case, u) for u in present if u != v},
+                                                   vbox, own, self.cfg.prompt.window_neighbours)
             if win is None:  # around the union of everything labelled (whole volume for 3D)
                 win = crop_window(label_union(extent), hh, ww, s, ctx)
             y0, y1, x0, x1 = win

@@ -16,12 +16,10 @@ applies to the worst case.
 
 from __future__ import annotations
 
-import dataclasses
-
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -224,7 +222,7 @@ def run_check(
     pp = manifest.preprocessing
     # min_mask_fill is a post-processing rule chosen at export (``lapsam export --min-mask-fill``),
     # not part of the checkpoint or the graphs: everything else must match
-    if dataclasses.replace(model.preprocessing, min_mask_fill=pp.min_mask_fill) != pp:
+    if replace(model.preprocessing, min_mask_fill=pp.min_mask_fill) != pp:
         raise ExportError(f"{ckpt}: preprocessing {model.preprocessing} differs from the manifest's {pp}")
 
     slices: list[PromptedSlice] = []
