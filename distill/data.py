@@ -291,6 +291,10 @@ class PromptConfig:
     # the runtime's slice-to-slice propagation gives), with this probability.
     neighbour_box_prob: float = 0.0
     neighbour_max_offset: int = 3
+    # 3D slices: prompt with the object's x/y extent over the whole volume (the given 3D box
+    # that the runtime's prompt_3d "given" puts on every slice, loose near the object's ends),
+    # with this probability; checked before neighbour_box_prob.
+    volume_box_prob: float = 0.0
     # Loose boxes (users' boxes are not tight): each side moves out by up to this fraction.
     loose_box_prob: float = 0.0
     loose_box_max: float = 0.3
@@ -442,6 +446,7 @@ class PromptSliceDataset:
         volume = self.store.get(ref.case)[1] if ref.z >= 0 else None
         only: int | None = None  # the one object of a per-box crop (crop_mode "box")
         others: list[int] = []  # ... and the other objects trained in its window (window_neighbours)
+        oy, ox = 0, 0  # top-left of the crop window in slice pixels
         if ctx > 0 and (not self.train or (a.enabled and rng.random() < a.crop_prob)):
             # the runtime's crop (lapsam.preprocess.box_windows), the context scaled at random
             if self.train:
@@ -462,6 +467,7 @@ class PromptSliceDataset:
             if win is None:  # around the union of everything labelled (whole volume for 3D)
                 win = crop_window(label_union(extent), hh, ww, s, ctx)
             y0, y1, x0, x1 = win
+            oy, ox = y0, x0
             img, lab = img[y0:y1, x0:x1], lab[y0:y1, x0:x1]
             if volume is not None:
                 volume = volume[:, y0:y1, x0:x1]
@@ -493,7 +499,16 @@ class PromptSliceDataset:
             if m.sum() < p.min_pixels:
                 continue
             src = len(masks)
-            if self.train and volume is not None and p.neighbour_box_prob > 0 and rng.random() < p.neighbour_box_prob:
+            if self.train and volume is not None and p.volume_box_prob > 0 and rng.random() < p.volume_box_prob:
+                vb = self.store.label_box(ref.case, v)  # x/y extent over every slice, slice pixels
+                if vb is not None:
+                    rect = np.zeros(lab.shape[:2], bool)
+                    rect[max(0, vb[1] - oy): max(0, vb[3] - oy + 1), max(0, vb[0] - ox): max(0, vb[2] - ox + 1)] = True
+                    rect = at_input(rect)
+                    if rect.any():  # rides along as an extra channel, so it sees the same flips and affine
+                        extra.append(rect)
+                        src = -len(extra)
+            if src >= 0 and self.train and volume is not None and p.neighbour_box_prob > 0 and rng.random() < p.neighbour_box_prob:
                 d = int(rng.integers(1, max(1, p.neighbour_max_offset) + 1)) * (1 if rng.random() < 0.5 else -1)
                 z2 = ref.z + d
                 if 0 <= z2 < volume.shape[0]:

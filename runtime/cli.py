@@ -91,6 +91,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_engine_args(p)
     p.add_argument("--decoder-batch", type=positive_int, default=16, help="boxes per decoder call (default 16)")
     add_propagation_args(p)
+    p.add_argument("--overlap", choices=("nested", "logit"), default="nested",
+                   help="where two masks claim a pixel: a box lying wholly inside another box keeps its own mask "
+                   "there, otherwise the higher logit wins (nested, default); or the higher logit only (logit)")
     p.add_argument("--timings", action="store_true",
                    help="print the time of each phase (imports, model load steps, read, encoder, decoder, "
                         "write) to stderr, plus one timings-json line; LAPSAM_TIMINGS=1 does the same")
@@ -108,7 +111,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with timings.phase("model folder check (manifest.json)"):
         read_manifest(model)  # a folder that is not a model: one error line, exit code 2
     opts = engine_options(args, decoder_batch=args.decoder_batch, margin_px=args.margin, on_empty=args.on_empty,
-                          prompt_3d=args.prompt_3d, progress=not args.no_progress)
+                          prompt_3d=args.prompt_3d, overlap=args.overlap, progress=not args.no_progress)
     # The loaded engines stay referenced from args until the process ends: `lapsam predict` run as a
     # program then exits without tearing them down (lapsam.cli.main, exit_fast).
     args.keep_alive = []

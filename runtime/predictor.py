@@ -29,8 +29,11 @@ shipped in demo/data the object is present on every slice of its z-range (see
 runtime/README.md), so a vanished mask inside the range is a model miss, never the
 object's end, and stopping would turn one missed slice into a lost half-object.
 
-Overlaps: box i is label i+1 and later boxes win (the largest label covering a pixel),
-as the challenge specifies; this holds whatever order the sweeps paste in.
+Overlaps: box i is label i+1. Where two masks claim a pixel, it goes to the mask with the
+higher logit there (ties: the larger label), whatever order the sweeps paste in. With
+``overlap="nested"`` (default) a box that lies wholly inside another box first takes the pixels
+of its own mask from the outer box's mask (labels are disjoint, so an object boxed inside
+another object's box is not part of it); a box that stands in for a weak mask never does.
 
 Masks are computed on a window around a box (grown by ``window_pad_frac`` + ``window_pad_px``).
 For 2024 cases (tight 3D boxes) that is the given box on every slice, and a vanished mask
@@ -113,6 +116,7 @@ log = logging.getLogger(__name__)
 
 ON_EMPTY = ("box", "stop")
 PROMPT_3D = ("given", "propagate")
+OVERLAP = ("nested", "logit")
 
 
 @dataclass
@@ -138,10 +142,15 @@ class PredictorConfig:
     # is not trained with mask inputs, so this is off by default; see runtime/README.md).
     prev_mask_input: bool = False
     mask_input_logit: float = 10.0  # |logit| of that mask_input inside / outside the previous mask
+    # 2024 cases, two masks on one pixel: "nested" (a box wholly inside another box wins its mask's
+    # pixels from the outer one's; otherwise the higher logit) or "logit" (the higher logit only)
+    overlap: str = "nested"
 
     def __post_init__(self) -> None:
         if self.prompt_3d not in PROMPT_3D:
             raise ValueError(f"prompt_3d must be one of {PROMPT_3D}, got {self.prompt_3d!r}")
+        if self.overlap not in OVERLAP:
+            raise ValueError(f"overlap must be one of {OVERLAP}, got {self.overlap!r}")
         if self.on_empty not in ON_EMPTY:
             raise ValueError(f"on_empty must be one of {ON_EMPTY}, got {self.on_empty!r}")
         if self.decoder_batch < 1:
@@ -181,6 +190,24 @@ def _window(box_xy: np.ndarray, h: int, w: int, frac: float, pad: int) -> tuple[
     gx = int(round((x1 - x0 + 1) * frac)) + pad
     gy = int(round((y1 - y0 + 1) * frac)) + pad
     return slice(max(0, y0 - gy), min(h, y1 + gy + 1)), slice(max(0, x0 - gx), min(w, x1 + gx + 1))
+
+
+def nested_boxes(boxes: np.ndarray, valid: Sequence[int]) -> np.ndarray:
+    """``out[a, b]``: label a's box (box a-1, inclusive 2D or 3D corners) lies wholly inside label
+    b's box and is not the same box; labels 0..N, only ``valid`` boxes take part."""
+    b = np.asarray(boxes, np.int64)
+    n = b.shape[0]
+    out = np.zeros((n + 1, n + 1), bool)
+    if n == 0:
+        return out
+    k = b.shape[1] // 2
+    lo, hi = b[:, :k], b[:, k:]
+    inside = (lo[:, None] >= lo[None]).all(-1) & (hi[:, None] <= hi[None]).all(-1)
+    same = (b[:, None] == b[None]).all(-1)
+    ok = np.zeros(n, bool)
+    ok[list(valid)] = True
+    out[1:, 1:] = inside & ~same & ok[:, None] & ok[None]
+    return out
 
 
 class Predictor:
@@ -281,7 +308,8 @@ class Predictor:
         return masks.reshape(masks.shape[-2], masks.shape[-1])
 
     def _paste(self, seg2d: np.ndarray, logits: np.ndarray, tf: Transform, box_xy: np.ndarray, label: int,
-               fill_box: bool = False, score2d: np.ndarray | None = None) -> tuple[int, int, int, int] | None:
+               fill_box: bool = False, score2d: np.ndarray | None = None,
+               nest: np.ndarray | None = None) -> tuple[int, int, int, int] | None:
         """Threshold one box's logits on its window, write ``label`` where it wins; return the mask bbox.
 
         ``fill_box`` (2D boxes, manifest ``min_mask_fill`` > 0): a mask covering less than that
@@ -290,6 +318,8 @@ class Predictor:
         higher logit (ties: the larger label), and ``score2d`` is updated; a box that replaced a
         weak mask scores ``mask_threshold`` minus a number that grows with its area (below every real mask;
         the smaller of two such boxes wins). Without ``score2d``, later boxes (larger labels) win.
+        ``nest`` (with ``score2d``; :func:`nested_boxes`): ``nest[a, b]`` when label a's box lies
+        inside label b's; where both masks are real (above the threshold), the inner one wins.
         """
         h, w = seg2d.shape
         rows, cols = _window(box_xy, h, w, self.config.window_pad_frac, self.config.window_pad_px)
@@ -318,7 +348,12 @@ class Predictor:
             sc = score2d[rows, cols]
             mine = up.astype(sc.dtype)  # compared at the stored precision, so equal logits tie
             # ties (equal logits): the larger label, as without scores
-            win = m & ((mine > sc) | ((mine == sc) & (sub < label)))
+            win = (mine > sc) | ((mine == sc) & (sub < label))
+            if nest is not None:
+                thr = self.pp.mask_threshold
+                real = (mine > thr) & (sc > thr)  # both real masks (not a weak mask's stand-in box)
+                win = np.where(real & nest[label][sub], True, np.where(real & nest[:, label][sub], False, win))
+            win &= m
             sub[win] = label
             sc[win] = mine[win]
         ys = np.flatnonzero(m.any(axis=1))
@@ -372,14 +407,15 @@ class Predictor:
             # logits of the label written so far), across crop windows too: a window works on
             # views of ``segs`` and ``scores``.
             scores = np.full(segs.shape, -np.inf, np.float16)
+            nest = nested_boxes(case.boxes, case.valid_box_indices) if self.config.overlap == "nested" else None
             # a model trained with crop_context: each group of boxes on its own window
             for win, idx in case_windows(case, self.pp):
                 sub = crop_case(case, win) if win is not None else case
                 view = (slice(None),) * (segs.ndim - 2) + ((slice(win[0], win[1]), slice(win[2], win[3])) if win else ())
                 if case.is_3d:
-                    self._predict_3d(sub, segs[view], report, idx, scores[view])
+                    self._predict_3d(sub, segs[view], report, idx, scores[view], nest)
                 else:
-                    self._predict_2d(sub, segs[view], idx, scores[view])
+                    self._predict_2d(sub, segs[view], idx, scores[view], nest)
         self._finish(report, t)
         return segs
 
@@ -458,14 +494,15 @@ class Predictor:
         self.last_report = report
 
     # ---- 2D ---------------------------------------------------------------------------
-    def _predict_2d(self, case: Case, segs: np.ndarray, idx: list[int], scores: np.ndarray | None = None) -> None:
+    def _predict_2d(self, case: Case, segs: np.ndarray, idx: list[int], scores: np.ndarray | None = None,
+                    nest: np.ndarray | None = None) -> None:
         feats, tf = self._encode(case.image)
         step = self.config.decoder_batch
         for s in range(0, len(idx), step):
             chunk = idx[s : s + step]
             logits = self._decode(feats, transform_boxes(case.boxes[chunk], tf))
             for j, i in enumerate(chunk):
-                self._paste(segs, logits[j], tf, case.boxes[i], i + 1, fill_box=True, score2d=scores)
+                self._paste(segs, logits[j], tf, case.boxes[i], i + 1, fill_box=True, score2d=scores, nest=nest)
 
     # ---- 3D ---------------------------------------------------------------------------
     def mid_slices(self, case: Case) -> np.ndarray:
@@ -475,17 +512,19 @@ class Predictor:
         return (b[:, 2] + b[:, 5]) // 2
 
     def _predict_3d(self, case: Case, segs: np.ndarray, report: CaseReport, valid: list[int],
-                    scores: np.ndarray | None = None) -> None:
+                    scores: np.ndarray | None = None, nest: np.ndarray | None = None) -> None:
         self._sweep(case.image, case.boxes[valid], self.mid_slices(case)[valid], [i + 1 for i in valid], segs, report,
-                    follow_prompt=False, scores=scores)
+                    follow_prompt=False, scores=scores, nest=nest)
 
     def _sweep(self, image: np.ndarray, boxes: np.ndarray, mid: np.ndarray, labels: list[int], segs: np.ndarray,
-               report: CaseReport, follow_prompt: bool, scores: np.ndarray | None = None) -> None:
+               report: CaseReport, follow_prompt: bool, scores: np.ndarray | None = None,
+               nest: np.ndarray | None = None) -> None:
         """The two sweeps of the module docstring for boxes (N, 6) with start slices ``mid`` and ``labels``.
 
         ``follow_prompt``: the window and the vanished-mask fallback follow each slice's
         prompt (2025 boxes) instead of the given box (2024 tight 3D boxes). ``scores``: per-pixel
-        logits of the labels written so far (see :meth:`_paste`); None: later labels win.
+        logits of the labels written so far (see :meth:`_paste`); None: later labels win. ``nest``:
+        see :meth:`_paste`.
         """
         cfg = self.config
         d, h, w = image.shape[:3]
@@ -531,7 +570,7 @@ class Predictor:
             logits = self._decode(feats, transform_boxes(np.stack([p for _, p in todo]), tf))
             for j, (b, prompt) in enumerate(todo):
                 prev[b] = self._paste(segs[z], logits[j], tf, prompt if follow_prompt else given[b], labels[b],
-                                      score2d=None if scores is None else scores[z])
+                                      score2d=None if scores is None else scores[z], nest=nest)
                 if follow_prompt:
                     last[b] = prompt
 

@@ -55,6 +55,7 @@ class PredictOptions:
     margin_px: int = 2
     on_empty: str = "box"
     prompt_3d: str = "given"
+    overlap: str = "nested"
     progress: bool = True
 
 
@@ -140,7 +141,8 @@ def predict_folder(input_dir: str | Path, output_dir: str | Path, model_dir: str
         try:
             if predictor is None:
                 cfg = PredictorConfig(decoder_batch=opts.decoder_batch, margin_px=opts.margin_px,
-                                      on_empty=opts.on_empty, prompt_3d=opts.prompt_3d)
+                                      on_empty=opts.on_empty, prompt_3d=opts.prompt_3d,
+                                      overlap=opts.overlap)
                 with timings.phase("model load (all)"):
                     predictor = Predictor.from_model_dir(model_dir, backend=opts.backend, threads=opts.threads,
                                                          precision=opts.precision, cache_dir=opts.cache_dir,

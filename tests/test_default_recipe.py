@@ -118,8 +118,8 @@ def test_group_balanced_weights():
     assert w[:9].sum() == pytest.approx(0.25) and w[9] == pytest.approx(0.25)
 
 
-def test_neighbour_slice_box(tmp_path):
-    """With neighbour_box_prob=1 the prompt box is the object's box on a slice 1..3 away."""
+def _cone_case(tmp_path: Path) -> tuple[CaseStore, np.ndarray]:
+    """A 9-slice CT volume whose one object (a bright cone) is wider on every slice."""
     vol = np.zeros((9, 64, 64), np.uint8)
     gts = np.zeros((9, 64, 64), np.uint8)
     for z in range(9):
@@ -132,6 +132,12 @@ def test_neighbour_slice_box(tmp_path):
     np.savez(tmp_path / "gts" / "3DBox_CT_cone_1.npz", gts=gts, spacing=np.ones(3))
     store = CaseStore([CaseFiles("3DBox_CT_cone_1", tmp_path / "imgs" / "3DBox_CT_cone_1.npz",
                                  tmp_path / "gts" / "3DBox_CT_cone_1.npz", "CT")])
+    return store, gts
+
+
+def test_neighbour_slice_box(tmp_path):
+    """With neighbour_box_prob=1 the prompt box is the object's box on a slice 1..3 away."""
+    store, gts = _cone_case(tmp_path)
     pp = Preprocessing(input_size=64)
     cfg = FinetuneItemConfig(AugmentConfig(enabled=False),
                              PromptConfig(box_jitter=0.0, point_prob=0.0, box_prob=1.0, objects_per_image=1,
@@ -211,3 +217,35 @@ def test_tiny_recipe_run_config_train_export_predict_metrics(tmp_path):
     segs = np.load(out / "segs" / "3DBox_MR_Breast1.npz")["segs"]
     gts = np.load(data / "gts" / "3DBox_MR_Breast1.npz")["gts"]
     assert segs.shape == gts.shape and segs.max() >= 1
+
+
+def test_volume_box_prompt_is_the_given_3d_box(tmp_path):
+    """With volume_box_prob=1 a 3D slice is prompted with the object's x/y extent over the whole
+    volume (what the runtime's prompt_3d "given" puts on every slice), not with its own box."""
+    store, gts = _cone_case(tmp_path)
+    # the volume's extent, by an independent scan of every voxel
+    zz, yy, xx = np.nonzero(gts)
+    given = (xx.min(), yy.min(), xx.max(), yy.max())
+    for prob, crop in ((1.0, 0.0), (1.0, 2.5), (0.0, 0.0)):
+        pp = Preprocessing(input_size=64, crop_context=crop, crop_mode="box", crop_min_px=16)
+        cfg = FinetuneItemConfig(AugmentConfig(enabled=crop > 0, hflip=0, vflip=0, affine_prob=0, intensity_prob=0,
+                                               crop_prob=1.0, crop_scale=(1.0, 1.0)),
+                                 PromptConfig(box_jitter=0.0, point_prob=0.0, box_prob=1.0, objects_per_image=1,
+                                              volume_box_prob=prob, neighbour_box_prob=0.0))
+        z = 2
+        it = PromptSliceDataset(store, [SliceRef(0, z, "CT")], pp, cfg, seed=0, train=True)[0]
+        m = it["masks"][0] > 0
+        ys, xs = np.nonzero(m)
+        mask_box = np.array([xs.min(), ys.min(), xs.max(), ys.max()])
+        box = it["boxes"][0]
+        if crop == 0:  # no crop, 64 px input: input pixels are slice pixels
+            own = np.nonzero(gts[z])
+            assert tuple(mask_box) == (own[1].min(), own[0].min(), own[1].max(), own[0].max())  # target: this slice
+            expect = given if prob > 0 else tuple(mask_box)
+            assert tuple(int(v) for v in box) == tuple(int(v) for v in expect)
+        else:  # cropped and enlarged: the prompt still spans the volume's extent, larger than the slice's mask
+            assert box[0] <= mask_box[0] and box[1] < mask_box[1] and box[2] > mask_box[2] and box[3] > mask_box[3]
+            side = (given[2] - given[0] + 1, given[3] - given[1] + 1)
+            ratio_w = (box[2] - box[0] + 1) / side[0]
+            ratio_h = (box[3] - box[1] + 1) / side[1]
+            assert ratio_w == pytest.approx(ratio_h, rel=0.1)  # one scale for both axes

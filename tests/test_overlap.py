@@ -126,3 +126,41 @@ def test_nested_fallback_boxes_keep_the_inner_box_and_lose_to_real_masks() -> No
     assert (segs[66:128, 66:128] == 3).all()  # the real mask beats the fallback box 2 in the overlap
     # without scores (the old rule) the later, larger box 2 would have covered box 1
     assert not (segs[30:60, 30:60] == 2).any()
+
+
+def test_nested_box_takes_its_mask_from_the_outer_box() -> None:
+    """overlap="nested" (default): a box wholly inside another box keeps its own mask's pixels even
+    where the outer box's mask is more confident (labels are disjoint); "logit" gives them to the
+    more confident mask. Boxes that are not nested still go by logit."""
+    img = np.zeros((128, 128, 3), np.uint8)
+    img[20:110, 20:110] = 255
+    # box 1 wide (outer, confident); box 2 inside box 1; box 3 overlaps box 1 without being inside it
+    boxes = [[20, 20, 109, 109], [50, 50, 69, 69], [90, 30, 125, 60]]
+    conf = {1: 9.0, 2: 2.0, 3: 1.0}
+
+    def by_label(box) -> float:  # type: ignore[no-untyped-def]
+        w = float(box[2] - box[0])
+        return conf[1] if w > 80 * S / 128 else conf[2] if w < 25 * S / 128 else conf[3]
+
+    for mode in ("nested", "logit"):
+        segs = Predictor(ConfidentEngine(by_label), PP, PredictorConfig(overlap=mode)).predict(case2d(img, boxes))
+        inner = segs[52:68, 52:68]
+        assert (inner == (2 if mode == "nested" else 1)).all(), mode
+        # box 3's overlap with box 1 goes by logit in both modes: box 1 (9.0) beats box 3 (1.0)
+        assert (segs[32:58, 92:108] == 1).all(), mode
+        assert (segs[32:58, 112:124] == 0).all()  # outside the bright square: nobody's mask
+        assert (segs[72:108, 72:88] == 1).all()  # the outer box's own pixels outside box 2
+
+
+def test_nested_boxes_matrix() -> None:
+    from lapsam.runtime.predictor import nested_boxes
+
+    boxes = np.array([[0, 0, 10, 10], [2, 2, 5, 5], [2, 2, 5, 5], [8, 8, 12, 12]])
+    m = nested_boxes(boxes, [0, 1, 2, 3])
+    assert m.shape == (5, 5)
+    assert m[2, 1] and m[3, 1] and not m[1, 2] and not m[2, 3] and not m[3, 2]  # equal boxes: neither
+    assert not m[4, 1] and not m[1, 4] and not m[:, 0].any() and not m[0].any()
+    assert not nested_boxes(boxes, [0, 2, 3])[2, 1]  # an invalid box takes no part
+    b3 = np.array([[0, 0, 0, 9, 9, 9], [1, 1, 1, 3, 3, 3], [1, 1, 0, 3, 3, 12]])
+    m3 = nested_boxes(b3, [0, 1, 2])
+    assert m3[2, 1] and not m3[3, 1]  # 3D: z counts too
