@@ -349,10 +349,10 @@ class Predictor:
             mine = up.astype(sc.dtype)  # compared at the stored precision, so equal logits tie
             # ties (equal logits): the larger label, as without scores
             win = (mine > sc) | ((mine == sc) & (sub < label))
-            if nest is not None:
+            if nest is not None and (nest[label].any() or nest[:, label].any()):  # most boxes nest in none
                 thr = self.pp.mask_threshold
                 real = (mine > thr) & (sc > thr)  # both real masks (not a weak mask's stand-in box)
-                win = np.where(real & nest[label][sub], True, np.where(real & nest[:, label][sub], False, win))
+                win = (win | (real & nest[label][sub])) & ~(real & nest[:, label][sub])  # inner box wins
             win &= m
             sub[win] = label
             sc[win] = mine[win]
