@@ -70,6 +70,10 @@ class TrainSection:
     log_every: int = 10
     save_every_steps: int = 500  # also at each epoch end
     keep_step_checkpoints: bool = False  # also keep step_XXXXXXX.pt
+    # From this step on, the weights at every checkpoint save (every save_every_steps and each
+    # epoch end) join an equal-weight average (torch.optim.swa_utils.AveragedModel, buffers
+    # too), written as OUT/average.pt, a checkpoint that `lapsam export` reads. None: off.
+    average_from_step: int | None = None
     validate_every_epochs: int = 1  # 0: never validate
     resume: str | None = "auto"  # "auto": OUT/last.pt when present; a path; null: start fresh
     save_rank_params: bool = False  # debug: every rank writes its parameters at the end (DDP check)

@@ -253,6 +253,11 @@ def run_training(stage: Stage, cfg: Any, info: DistInfo, model: LapSam) -> dict[
     total_steps = min(schedule_steps, t.max_steps) if t.max_steps else schedule_steps
     sched = make_scheduler(opt, t, schedule_steps)
     step, best = 0, -math.inf
+    averaged, averaged_at = None, -1
+    if t.average_from_step is not None:
+        from torch.optim.swa_utils import AveragedModel
+
+        averaged = AveragedModel(model, use_buffers=True)
 
     resume = None
     if t.resume == "auto":
@@ -269,6 +274,9 @@ def run_training(stage: Stage, cfg: Any, info: DistInfo, model: LapSam) -> dict[
         step = int(ck["step"])
         best = float(ck.get("best_score", -math.inf))
         torch.set_rng_state(ck["rng_torch"])
+        if averaged is not None and "average" in ck:
+            averaged.load_state_dict(ck["average"])
+            averaged_at = step
         if info.is_main:
             log.info("resumed from %s at step %d", resume, step)
     if info.enabled:
@@ -284,9 +292,29 @@ def run_training(stage: Stage, cfg: Any, info: DistInfo, model: LapSam) -> dict[
     def save(name: str, epoch: int, metrics: dict[str, float]) -> None:
         if not info.is_main:
             return
+        extra = {"average": averaged.state_dict()} if averaged is not None else {}
         save_checkpoint(out / name, model, stage=stage.name, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                         step=step, epoch=epoch, best_score=best, metrics=metrics, rng_torch=torch.get_rng_state(),
-                        train_config=config_to_dict(cfg))
+                        train_config=config_to_dict(cfg), **extra)
+
+    def save_point(epoch: int, metrics: dict[str, float]) -> None:
+        """A checkpoint save: join the average, then last.pt (+ step_*.pt, average.pt).
+
+        The average takes the weights of the regular save points from ``average_from_step`` on (every
+        ``save_every_steps`` steps and each epoch end), once each, so that a stopped and resumed run
+        averages the same steps as an uninterrupted one."""
+        nonlocal averaged_at
+        regular = step % t.save_every_steps == 0 or step % steps_per_epoch == 0
+        if averaged is not None and regular and step >= t.average_from_step and step != averaged_at:
+            averaged.update_parameters(model)
+            averaged_at = step
+        save("last.pt", epoch, metrics)
+        if t.keep_step_checkpoints:
+            save(f"step_{step:07d}.pt", epoch, metrics)
+        if averaged is not None and info.is_main and int(averaged.n_averaged) > 0:
+            save_checkpoint(out / "average.pt", averaged.module, stage=stage.name, step=step, epoch=epoch,
+                            averaged_from_step=t.average_from_step, n_averaged=int(averaged.n_averaged),
+                            train_config=config_to_dict(cfg))
 
     summary: dict[str, Any] = {"val": {}, "best": None}
     bar = tqdm(total=total_steps, initial=step, desc=stage.name, unit="step", disable=not info.is_main, dynamic_ncols=True)
@@ -329,9 +357,7 @@ def run_training(stage: Stage, cfg: Any, info: DistInfo, model: LapSam) -> dict[
                                  "images_per_s": f"{ips:.3f}", **{k: f"{v:.6g}" for k, v in res.logs.items()}})
             epoch_end = step % steps_per_epoch == 0
             if step % t.save_every_steps == 0 and not epoch_end:
-                save("last.pt", epoch, {})
-                if t.keep_step_checkpoints:
-                    save(f"step_{step:07d}.pt", epoch, {})
+                save_point(epoch, {})
             if epoch_end or step >= total_steps:
                 break
         epoch_done = step % steps_per_epoch == 0
@@ -353,9 +379,7 @@ def run_training(stage: Stage, cfg: Any, info: DistInfo, model: LapSam) -> dict[
                         summary["best"] = metrics
                         save("best.pt", epoch, metrics)
             barrier(info)
-        save("last.pt", epoch, metrics)
-        if t.keep_step_checkpoints:
-            save(f"step_{step:07d}.pt", epoch, metrics)
+        save_point(epoch, metrics)
     bar.close()
     if t.save_rank_params:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / f"rank{info.rank}_params.pt")

@@ -145,3 +145,35 @@ def test_ddp_gloo_identical_ranks_and_exact_resume(tmp_path: Path, imgs_dir: Pat
     for k in p0:
         assert torch.allclose(q0[k].float(), p0[k].float(), atol=1e-5), k
     assert np.isfinite(float(rows_b[0]["loss"]))
+
+
+def test_average_from_step_is_the_mean_of_the_saved_weights_across_a_resume(tmp_path: Path, imgs_dir: Path) -> None:
+    from lapsam.distill.finetune_stage import train_finetune
+
+    out = tmp_path / "avg"
+    base = [f"train.out_dir={out}", f"data.train=[{imgs_dir / '2DBox_CT_amos_0006_90.npz'}]", "data.val=[]",
+            "data.num_workers=0", "data.samples_per_epoch=8", "model.init_checkpoint=null",
+            "model.backbone=efficientvit_b0", "model.input_size=128", "train.batch_size=4", "train.epochs=4",
+            "train.threads=1", "train.warmup_steps=1", "train.lr=1e-3", "train.validate_every_epochs=0",
+            "train.save_every_steps=2", "train.keep_step_checkpoints=true", "train.average_from_step=3",
+            "prompt.objects_per_image=2"]
+    # 8 steps (2 per epoch); stopped after step 5 (mid-epoch) and resumed from last.pt in the same folder.
+    train_finetune(load_config(FinetuneConfig, "finetune.yaml", base + ["train.max_steps=5"]))
+    first = torch.load(out / "average.pt", weights_only=True)
+    assert first["n_averaged"] == 1  # step 4 only: step 5 (the stop) is no regular save point
+    train_finetune(load_config(FinetuneConfig, "finetune.yaml", base))
+    avg = torch.load(out / "average.pt", weights_only=True)
+    assert avg["step"] == 8 and avg["n_averaged"] == 3 and avg["averaged_from_step"] == 3
+    kept = {s: torch.load(out / f"step_{s:07d}.pt", weights_only=True)["model"] for s in (4, 6, 8)}
+    assert avg["model"].keys() == kept[8].keys()
+    moved = 0
+    for k, v in avg["model"].items():
+        if not v.is_floating_point():
+            continue
+        ref = torch.stack([kept[s][k].double() for s in (4, 6, 8)]).mean(0)
+        assert torch.allclose(v.double(), ref, rtol=1e-5, atol=1e-6), k
+        moved += not torch.allclose(v.double(), kept[8][k].double(), rtol=1e-5, atol=1e-6)
+    assert moved > 0  # the average is not just the last weights
+    from lapsam.distill.modeling.checkpoint import load_lapsam
+
+    load_lapsam(out / "average.pt")  # what `lapsam export` reads
