@@ -108,12 +108,13 @@ class LineFormatter(logging.Formatter):
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     """Log level: -q WARNING, default INFO, -v DEBUG for lapsam, -vv DEBUG for every library.
 
-    Records go to stderr, formatted by :class:`LineFormatter`.
+    Other libraries log warnings only (a first run's "generated new fontManager" from matplotlib
+    is not one of lapsam's lines), unless -vv. Records go to stderr, formatted by :class:`LineFormatter`.
     """
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 0 else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LineFormatter())
-    logging.basicConfig(level=logging.DEBUG if verbose > 1 and not quiet else max(level, logging.INFO),
+    logging.basicConfig(level=logging.DEBUG if verbose > 1 and not quiet else logging.WARNING,
                         handlers=[handler])
     logging.getLogger("lapsam").setLevel(level)
 
