@@ -29,6 +29,8 @@ def _add_train_args(p: argparse.ArgumentParser, default_cfg: str) -> None:
                    help="override one config key, e.g. train.lr=1e-4 (repeatable)")
     p.add_argument("--out", default=None, help="output folder (same as --set train.out_dir=...)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a log line every train.log_every steps instead (for log files)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,6 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--min-size-slice", type=int, default=100, help="remove per-slice label pieces below this many pixels")
     pr.add_argument("--no-crop-z", action="store_true", help="keep slices without labels")
     pr.add_argument("--prefix", default="", help="added before each output name's stem")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     pr.set_defaults(func=cmd_prepare)
 
     enc = dsub.add_parser("encoder", help="stage 1: distil the teacher's encoder features into the student",
@@ -154,7 +157,7 @@ def cmd_encoder(args: argparse.Namespace) -> int:
         return 0
     from .encoder_stage import train_encoder
 
-    _report(train_encoder(cfg))
+    _report(train_encoder(cfg, progress=not args.no_progress))
     return 0
 
 
@@ -167,7 +170,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                           "(run stage 1 first, or --set model.init_checkpoint=null to start from scratch)")
     from .finetune_stage import train_finetune
 
-    _report(train_finetune(cfg))
+    _report(train_finetune(cfg, progress=not args.no_progress))
     return 0
 
 
@@ -178,7 +181,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                         percentiles=tuple(args.percentiles), min_size_3d=args.min_size_3d,
                         min_size_slice=args.min_size_slice, crop_z=not args.no_crop_z, prefix=args.prefix)
     try:
-        written, errors = prepare(args.images, args.labels, args.out, cfg)
+        written, errors = prepare(args.images, args.labels, args.out, cfg, progress=not args.no_progress)
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from None
     for w in written:

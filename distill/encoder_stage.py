@@ -181,11 +181,11 @@ class EncoderStage(Stage):
         return out
 
 
-def train_encoder(cfg: EncoderConfig) -> dict[str, Any]:
+def train_encoder(cfg: EncoderConfig, progress: bool = True) -> dict[str, Any]:
     """Run stage 1 (single process, or one rank under torchrun); returns the run summary."""
     from .trainer import run_stage
 
-    return run_stage(lambda c, i, m: EncoderStage(c, i, m), cfg)
+    return run_stage(lambda c, i, m: EncoderStage(c, i, m), cfg, progress)
 
 
 __all__ = ["EncoderStage", "feature_loss", "train_encoder", "FEATURE_NAMES"]

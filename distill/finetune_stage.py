@@ -215,8 +215,8 @@ class FinetuneStage(Stage):
         return evaluate_cases(model, self.val_store, self.val_refs, self.info.device, sets)
 
 
-def train_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+def train_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
     """Run stage 2 (single process, or one rank under torchrun); returns the run summary."""
     from .trainer import run_stage
 
-    return run_stage(lambda c, i, m: FinetuneStage(c, i, m), cfg)
+    return run_stage(lambda c, i, m: FinetuneStage(c, i, m), cfg, progress)

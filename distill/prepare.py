@@ -244,13 +244,15 @@ def pair_images_labels(images: Path, labels: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def prepare(images: str | Path, labels: str | Path, out_dir: str | Path, cfg: PrepareConfig) -> tuple[list[Path], list[str]]:
+def prepare(images: str | Path, labels: str | Path, out_dir: str | Path, cfg: PrepareConfig,
+            progress: bool = True) -> tuple[list[Path], list[str]]:
     """Convert every pair; returns (written image npz paths, error messages)."""
     from tqdm import tqdm
 
     written: list[Path] = []
     errors: list[str] = []
-    for img, lab in tqdm(pair_images_labels(Path(images), Path(labels)), desc="prepare", unit="case"):
+    for img, lab in tqdm(pair_images_labels(Path(images), Path(labels)), desc="prepare", unit="case",
+                         disable=not progress):
         try:
             out = convert_case(img, lab, out_dir, cfg)
         except Exception as exc:  # noqa: BLE001 - report this case, continue with the others

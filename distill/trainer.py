@@ -231,8 +231,10 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def run_training(stage: Stage, cfg: Any, info: DistInfo, model: LapSam) -> dict[str, Any]:
-    """The loop shared by both stages; returns a summary (steps, last and best validation)."""
+def run_training(stage: Stage, cfg: Any, info: DistInfo, model: LapSam, progress: bool = True) -> dict[str, Any]:
+    """The loop shared by both stages; returns a summary (steps, last and best validation).
+
+    ``progress=False``: no bar; the main process logs a line every ``train.log_every`` steps instead."""
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
@@ -317,7 +319,8 @@ def run_training(stage: Stage, cfg: Any, info: DistInfo, model: LapSam) -> dict[
                             train_config=config_to_dict(cfg))
 
     summary: dict[str, Any] = {"val": {}, "best": None}
-    bar = tqdm(total=total_steps, initial=step, desc=stage.name, unit="step", disable=not info.is_main, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc=stage.name, unit="step", disable=not (info.is_main and progress),
+               dynamic_ncols=True)
     win_t, win_imgs = time.perf_counter(), 0
     ema = None
     while step < total_steps:
@@ -353,6 +356,8 @@ def run_training(stage: Stage, cfg: Any, info: DistInfo, model: LapSam) -> dict[
                 ips = win_imgs / max(now - win_t, 1e-9)
                 win_t, win_imgs = now, 0
                 bar.set_postfix(loss=f"{ema:.4f}", img_s=f"{ips:.1f}")
+                if info.is_main and not progress:
+                    log.info("%s step %d/%d epoch %d loss %.4f img/s %.1f", stage.name, step, total_steps, epoch, ema, ips)
                 train_log.write({"step": step, "epoch": epoch, "loss": f"{lv:.8g}", "lr": f"{sched.get_last_lr()[0]:.6g}",
                                  "images_per_s": f"{ips:.3f}", **{k: f"{v:.6g}" for k, v in res.logs.items()}})
             epoch_end = step % steps_per_epoch == 0
@@ -393,7 +398,7 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
-def run_stage(make_stage: Callable[[Any, DistInfo, LapSam], Stage], cfg: Any) -> dict[str, Any]:
+def run_stage(make_stage: Callable[[Any, DistInfo, LapSam], Stage], cfg: Any, progress: bool = True) -> dict[str, Any]:
     info = setup_distributed()
     try:
         if cfg.train.threads:
@@ -405,6 +410,6 @@ def run_stage(make_stage: Callable[[Any, DistInfo, LapSam], Stage], cfg: Any) ->
             log.info("%s: student %s@%d, %.2fM parameters (encoder %.2fM), %d process(es) on %s", stage.name,
                      cfg.model.backbone, cfg.model.input_size, param_count(model) / 1e6,
                      param_count(model.image_encoder) / 1e6, info.world, info.device)
-        return run_training(stage, cfg, info, model)
+        return run_training(stage, cfg, info, model, progress)
     finally:
         cleanup_distributed(info)

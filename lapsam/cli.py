@@ -108,15 +108,16 @@ class LineFormatter(logging.Formatter):
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     """Log level: -q WARNING, default INFO, -v DEBUG for lapsam, -vv DEBUG for every library.
 
-    Other libraries log warnings only (a first run's "generated new fontManager" from matplotlib
-    is not one of lapsam's lines), unless -vv. Records go to stderr, formatted by :class:`LineFormatter`.
+    matplotlib logs warnings only unless -vv: its first run's "generated new fontManager" is not
+    one of lapsam's lines. Records go to stderr, formatted by :class:`LineFormatter`.
     """
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 0 else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LineFormatter())
-    logging.basicConfig(level=logging.DEBUG if verbose > 1 and not quiet else logging.WARNING,
-                        handlers=[handler])
+    every_library = verbose > 1 and not quiet
+    logging.basicConfig(level=logging.DEBUG if every_library else max(level, logging.INFO), handlers=[handler])
     logging.getLogger("lapsam").setLevel(level)
+    logging.getLogger("matplotlib").setLevel(logging.NOTSET if every_library else max(level, logging.WARNING))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

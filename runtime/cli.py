@@ -44,8 +44,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
                    help="which exported files to run: their weight precision (default: fp32)")
     p.add_argument("--ov-precision", dest="precision_hint", choices=OV_PRECISIONS, default=None,
-                   help="OpenVINO execution precision, its INFERENCE_PRECISION_HINT (default: the plugin's "
-                        "choice; bf16 only helps on CPUs with AMX/AVX512-BF16); independent of --precision")
+                   help="OpenVINO execution precision, its INFERENCE_PRECISION_HINT (default: f32 on every CPU; "
+                        "bf16 is faster on CPUs with AMX/AVX512-BF16, masks differ slightly); independent of --precision")
     p.add_argument("--precision-hint", dest="precision_hint", choices=OV_PRECISIONS, default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)  # the former name of --ov-precision
     p.add_argument("--cache-dir", default=None,

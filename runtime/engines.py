@@ -142,7 +142,7 @@ class EngineOptions:
     threads: int | None = None  # None: the CPUs available to this process
     cache_dir: str | None = None  # OpenVINO CACHE_DIR; default: env LAPSAM_OV_CACHE_DIR
     cache_mode: str | None = None  # OpenVINO CACHE_MODE (OV_CACHE_MODES); default: env LAPSAM_OV_CACHE_MODE, else OpenVINO's
-    precision_hint: str | None = None  # OpenVINO execution precision f32 | bf16 (None: the plugin's default)
+    precision_hint: str | None = None  # OpenVINO execution precision f32 | bf16 (None: f32, on every CPU)
     ort_spinning: bool = False  # ONNX Runtime: idle worker threads busy-wait (session.intra_op.allow_spinning)
     verify: bool = True  # check the sha256 of every file before loading it
     concurrent_load: bool | None = None  # open encoder + decoder at once; None: $LAPSAM_MODEL_LOAD, else True
@@ -279,9 +279,10 @@ class OvGraph:
         import openvino as ov
 
         self.path = Path(path)
-        config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(threads)}
-        if precision_hint:
-            config["INFERENCE_PRECISION_HINT"] = precision_hint
+        # f32 unless bf16 is asked for: the plugin's own default is bf16 on CPUs with AVX512-BF16/AMX,
+        # which moves mask boundaries away from ONNX Runtime, `export check` and the challenge's Skylake
+        config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(threads),
+                                     "INFERENCE_PRECISION_HINT": precision_hint or "f32"}
         self.compiled = _ov_compile(core or ov.Core(), self.path, config, cache_dir, cache_mode)
         self.loaded_from_cache = _loaded_from_cache(self.compiled)
         self.request = self.compiled.create_infer_request()

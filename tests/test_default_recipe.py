@@ -197,8 +197,12 @@ def test_tiny_recipe_run_config_train_export_predict_metrics(tmp_path):
     r = _run("distill", "finetune", "--config", "default_model.yaml", "--set", f"data.train=[{data}]",
              "--set", "model.input_size=64", "--set", "data.samples_per_epoch=8", "--set", "train.epochs=2",
              "--set", "train.batch_size=4", "--set", "data.num_workers=0", "--set", "data.val_fraction=0.0",
-             "--set", f"data.val=[{data}]", "--set", "train.warmup_steps=1", "--out", str(run), cwd=tmp_path)
+             "--set", f"data.val=[{data}]", "--set", "train.warmup_steps=1", "--set", "train.log_every=1",
+             "--no-progress", "--out", str(run), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
+    # --no-progress: no bar, one log line per train.log_every steps (a log file stays readable)
+    assert "%|" not in r.stderr and "\r" not in r.stderr
+    assert [ln.split()[2] for ln in r.stderr.splitlines() if ln.startswith("finetune step ")] == ["1/4", "2/4", "3/4", "4/4"]
     rows = list(csv.DictReader(open(run / "val_log.csv")))
     assert len(rows) == 2 and all(0.0 <= float(x["dsc"]) <= 1.0 for x in rows)
     r = _run("distill", "plot", str(run), cwd=tmp_path)

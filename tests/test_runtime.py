@@ -495,6 +495,21 @@ def test_log_levels_and_line_format():
                                "error: other ERROR"]
 
 
+def test_matplotlib_info_is_not_one_of_lapsams_lines():
+    """A first run of matplotlib logs "generated new fontManager" at INFO: not on stderr unless -vv."""
+    code = ("import logging, sys; from lapsam.cli import setup_logging; setup_logging(int(sys.argv[1])); "
+            "logging.getLogger('matplotlib.font_manager').info('generated new fontManager'); "
+            "logging.getLogger('matplotlib').warning('mpl WARNING')")
+
+    def lines(v: str) -> list[str]:
+        r = subprocess.run([sys.executable, "-c", code, v], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stderr.splitlines()
+
+    assert lines("0") == lines("1") == ["warning: mpl WARNING"]
+    assert lines("2") == ["generated new fontManager", "warning: mpl WARNING"]
+
+
 def test_blas_threads_limited_only_during_predict():
     threadpoolctl = pytest.importorskip("threadpoolctl")
 

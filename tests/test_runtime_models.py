@@ -121,6 +121,21 @@ def test_no_model_gives_clear_error(tmp_path: Path, case_copy, monkeypatch):
     assert rc == 2 and not (tmp_path / "o").exists()
 
 
+def test_openvino_runs_f32_unless_bf16_is_asked_for(small_model_dir: Path):
+    """OpenVINO's own default is bf16 on CPUs with AVX512-BF16/AMX; lapsam asks for f32 unless told."""
+    from lapsam.runtime.engines import OvGraph
+
+    xml = sorted(small_model_dir.rglob("*.xml"))
+    assert xml
+    for p in xml:
+        assert OvGraph(p, 1).compiled.get_property("INFERENCE_PRECISION_HINT").to_dtype() == np.float32
+    import openvino as ov
+
+    if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):  # asked for, it is used
+        hint = OvGraph(xml[0], 1, "bf16").compiled.get_property("INFERENCE_PRECISION_HINT")
+        assert hint.get_type_name() == "bf16"
+
+
 def test_backends_agree_and_3d_counts(small_model_dir: Path, imgs_dir: Path):
     ov = Predictor.from_model_dir(small_model_dir, backend="openvino", threads=1)
     ort = Predictor.from_model_dir(small_model_dir, backend="onnxruntime", threads=1)
