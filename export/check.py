@@ -220,9 +220,9 @@ def run_check(
     torch.set_num_threads(threads)
     model = load_lapsam(ckpt)
     pp = manifest.preprocessing
-    # min_mask_fill is a post-processing rule chosen at export (``lapsam export --min-mask-fill``),
-    # not part of the checkpoint or the graphs: everything else must match
-    if replace(model.preprocessing, min_mask_fill=pp.min_mask_fill) != pp:
+    # min_mask_fill / fill_shape are post-processing rules chosen at export (``lapsam export
+    # --min-mask-fill / --fill-shape``), not part of the checkpoint or the graphs: the rest must match
+    if replace(model.preprocessing, min_mask_fill=pp.min_mask_fill, fill_shape=pp.fill_shape) != pp:
         raise ExportError(f"{ckpt}: preprocessing {model.preprocessing} differs from the manifest's {pp}")
 
     slices: list[PromptedSlice] = []

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from lapsam.runtime.backends import BACKEND_METAVAR, BACKENDS, backend_arg, file_backend, positive_int
 
+from lapsam.manifest import FILL_SHAPES
+
 log = logging.getLogger(__name__)
 
 SUBCOMMANDS = ("model", "check", "random")
@@ -114,6 +116,9 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
     m.add_argument("--min-mask-fill", type=_fraction, default=None, metavar="F",
                    help="2D boxes: a mask covering less than this fraction of its box is replaced by the box "
                    "(recorded in the manifest's preprocessing; default: 0, off)")
+    m.add_argument("--fill-shape", choices=FILL_SHAPES, default=None,
+                   help="what replaces such a mask: the whole box, or the ellipse inscribed in it "
+                   "(recorded in the manifest's preprocessing; default: box)")
     m.set_defaults(func=_cmd_export)
 
     c = sub.add_parser(
@@ -179,6 +184,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         name=args.name,
         calib_max_images=args.calib_images,
         min_mask_fill=args.min_mask_fill,
+        fill_shape=args.fill_shape,
     )
     _print_manifest(args.out, manifest)
     return 0

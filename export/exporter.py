@@ -35,6 +35,7 @@ from lapsam.manifest import (
     DECODER_OUTPUTS,
     ENCODER_INPUT,
     ENCODER_OUTPUTS,
+    FILL_SHAPES,
     MANIFEST_NAME,
     ModelFile,
     ModelManifest,
@@ -254,6 +255,7 @@ def export_model(
     name: str | None = None,
     calib_max_images: int = 32,
     min_mask_fill: float | None = None,
+    fill_shape: str | None = None,
 ) -> ModelManifest:
     """Export a LapSam checkpoint to ``out_dir`` and return the manifest written there.
 
@@ -288,6 +290,10 @@ def export_model(
     pp: Preprocessing = model.preprocessing
     if min_mask_fill is not None:  # a post-processing rule of this export (Preprocessing.min_mask_fill)
         pp = dataclasses.replace(pp, min_mask_fill=float(min_mask_fill))
+    if fill_shape is not None:  # ... and what replaces a weak mask (Preprocessing.fill_shape)
+        if fill_shape not in FILL_SHAPES:
+            raise ExportError(f"fill shape must be one of {FILL_SHAPES}, got {fill_shape!r}")
+        pp = dataclasses.replace(pp, fill_shape=fill_shape)
     s = pp.input_size
     name = name or out_dir.name
     ckpt_sha = sha256_file(checkpoint)

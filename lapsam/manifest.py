@@ -52,6 +52,7 @@ IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 
 
 CROP_MODES = ("union", "box")
+FILL_SHAPES = ("box", "ellipse")
 
 
 @dataclass
@@ -73,7 +74,9 @@ class Preprocessing:
     one encoding of the union window (:func:`lapsam.preprocess.box_windows`).
     ``min_mask_fill`` > 0 (a post-processing rule of the export): on 2D boxes, a mask that covers
     less than this fraction of its box is replaced by the whole box (the model is unsure, and
-    the box is the safer answer); 0: off.
+    the box is the safer answer); 0: off. ``fill_shape`` ``"ellipse"``: by the ellipse inscribed
+    in the box instead (most objects are round-ish blobs: it overlaps them better than the box's
+    corners do).
     """
 
     input_size: int = 1024
@@ -86,6 +89,7 @@ class Preprocessing:
     crop_min_px: int = 64
     crop_shared_frac: float = 0.5
     min_mask_fill: float = 0.0
+    fill_shape: str = "box"
 
     def __post_init__(self) -> None:
         if self.crop_context < 0:
@@ -94,6 +98,8 @@ class Preprocessing:
             raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
         if not 0.0 <= self.min_mask_fill <= 1.0:
             raise ValueError(f"min_mask_fill must lie in [0, 1], got {self.min_mask_fill}")
+        if self.fill_shape not in FILL_SHAPES:
+            raise ValueError(f"fill_shape must be one of {FILL_SHAPES}, got {self.fill_shape!r}")
         if self.crop_min_px < 1 or not 0 < self.crop_shared_frac <= 1:
             raise ValueError(f"crop_min_px must be >= 1 and crop_shared_frac in (0, 1]; got "
                              f"{self.crop_min_px}, {self.crop_shared_frac}")

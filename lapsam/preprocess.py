@@ -9,8 +9,8 @@ antialiased: :func:`resize_2d`); low-res mask logits are enlarged like SAM2's po
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np

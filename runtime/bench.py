@@ -161,6 +161,8 @@ def naive_predict(pred, case) -> np.ndarray:  # type: ignore[no-untyped-def]
     """
     from lapsam.preprocess import transform_boxes
 
+    from .predictor import ellipsoid_section
+
     pred.stats.reset()
     segs = case.empty_segs()
     scores = np.full(segs.shape, -np.inf, np.float16)  # overlaps: the higher logit wins, as in Predictor
@@ -183,7 +185,9 @@ def naive_predict(pred, case) -> np.ndarray:  # type: ignore[no-untyped-def]
         for chain in (up, down):
             prev = mid_bb
             for z, start in chain:
-                if start or pred.config.prompt_3d == "given":
+                if pred.config.prompt_3d == "ellipsoid":
+                    prompt = ellipsoid_section(b, z)
+                elif start or pred.config.prompt_3d == "given":
                     prompt = given
                 elif prev is not None:
                     prompt = pred._grow(prev, h, w)
@@ -193,7 +197,9 @@ def naive_predict(pred, case) -> np.ndarray:  # type: ignore[no-untyped-def]
                     prompt = given
                 feats, tf = pred._encode(case.image[z])
                 logits = pred._decode(feats, transform_boxes(prompt[None], tf))
-                prev = pred._paste(segs[z], logits[0], tf, given, i + 1, score2d=scores[z])
+                shrink = pred.config.prompt_3d == "ellipsoid"
+                prev = pred._paste(segs[z], logits[0], tf, given, i + 1, score2d=scores[z], fill_box=shrink,
+                                   fill_xy=prompt if shrink else None)
                 if start:
                     mid_bb = prev
     return segs

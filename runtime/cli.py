@@ -54,9 +54,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def add_propagation_args(p: argparse.ArgumentParser) -> None:
     """3D propagation options and the progress switch, shared by ``predict`` and ``segment``."""
-    p.add_argument("--prompt-3d", choices=("given", "propagate"), default="given",
-                   help="3D boxes: prompt every slice with the given box (default) or with the previous "
-                   "slice's mask box (propagate)")
+    p.add_argument("--prompt-3d", choices=("ellipsoid", "given", "propagate"), default="ellipsoid",
+                   help="3D boxes: prompt every slice with its cross-section of the ellipsoid inscribed in the "
+                   "given box, weak masks replaced by the fill shape (ellipsoid, the default), with the given box "
+                   "(given) or with the previous slice's mask box (propagate)")
     p.add_argument("--margin", type=int, default=2,
                    help="3D with --prompt-3d propagate: pixels added around the previous slice's mask box for the next "
                    "prompt (default 2)")

@@ -4,9 +4,13 @@
 
 3D: each box starts on its middle slice (``box_mid_z`` when the case gives one, else
 ``(z_min + z_max) // 2``) with the given box, and goes slice by slice to ``z_max``
-and down to ``z_min`` (inclusive). The prompt on each next slice is, for 2024 boxes with
-``prompt_3d="given"`` (the default), the given box again; with ``"propagate"`` (and always
-for 2025 box sweeps) the bounding box of the previous slice's mask grown by ``margin_px``. Work is scheduled as two sweeps over
+and down to ``z_min`` (inclusive). The prompt on each slice is, for 2024 boxes with
+``prompt_3d="ellipsoid"`` (the default), the slice's cross-section of the ellipsoid inscribed in
+the given box (:func:`ellipsoid_section`: the whole box on the middle slice, smaller towards
+z_min and z_max), and a mask covering less than the manifest's ``min_mask_fill`` of that box is
+replaced by its ``fill_shape``, as on 2D boxes; with ``"given"``, the given box on every slice;
+with ``"propagate"`` (and always for 2025 box sweeps) the bounding box of the previous slice's
+mask grown by ``margin_px``. Work is scheduled as two sweeps over
 the slices so that every slice is encoded at most once per case:
 
 1. ascending over every slice that has "upward" work (middle slice .. z_max of some box),
@@ -115,7 +119,7 @@ from .interactive import (
 log = logging.getLogger(__name__)
 
 ON_EMPTY = ("box", "stop")
-PROMPT_3D = ("given", "propagate")
+PROMPT_3D = ("given", "ellipsoid", "propagate")
 OVERLAP = ("nested", "logit")
 
 
@@ -124,10 +128,11 @@ class PredictorConfig:
     """Scheduling and post-processing knobs (the defaults are what ``lapsam predict`` uses)."""
 
     decoder_batch: int = 16  # boxes per decoder call (bounds decoder memory)
-    # 2024 3D boxes: prompt every slice with the given box ("given"), or with the previous slice's
+    # 2024 3D boxes: prompt every slice with its section of the box's inscribed ellipsoid
+    # ("ellipsoid"), with the given box ("given"), or with the previous slice's
     # mask bbox grown by margin_px ("propagate"). 2025 sweeps always propagate (their box is the
-    # middle slice's). "given" measured better on the default model (models/default/README.md).
-    prompt_3d: str = "given"
+    # middle slice's). "ellipsoid" measured best on the default model (models/default/README.md).
+    prompt_3d: str = "ellipsoid"
     margin_px: int = 2  # propagated prompt = previous mask's bbox grown by this many pixels
     on_empty: str = "box"  # what to prompt when the previous slice's mask is empty: "box" | "stop"
     window_pad_frac: float = 0.1  # masks are computed on the box grown by this fraction of its size ...
@@ -190,6 +195,35 @@ def _window(box_xy: np.ndarray, h: int, w: int, frac: float, pad: int) -> tuple[
     gx = int(round((x1 - x0 + 1) * frac)) + pad
     gy = int(round((y1 - y0 + 1) * frac)) + pad
     return slice(max(0, y0 - gy), min(h, y1 + gy + 1)), slice(max(0, x0 - gx), min(w, x1 + gx + 1))
+
+
+def fill_shape(box_xy: np.ndarray, shape: str, rows: slice, cols: slice) -> np.ndarray:
+    """The stand-in for a weak mask on the window ``rows`` x ``cols``: every pixel of the box
+    ``(x0, y0, x1, y1)`` (inclusive pixel indices), or of the ellipse inscribed in it (``shape``
+    "ellipse": centre at the box's centre, semi-axes half its width and height in pixels)."""
+    x0, y0, x1, y1 = (float(v) for v in box_xy[:4])
+    ys = np.arange(rows.start, rows.stop, dtype=np.float64)[:, None]
+    xs = np.arange(cols.start, cols.stop, dtype=np.float64)[None, :]
+    in_box = (ys >= y0) & (ys <= y1) & (xs >= x0) & (xs <= x1)
+    if shape == "box":
+        return in_box
+    if shape != "ellipse":
+        raise ValueError(f"fill shape must be 'box' or 'ellipse', got {shape!r}")
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    rx, ry = (x1 - x0 + 1) / 2, (y1 - y0 + 1) / 2
+    return in_box & (((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1.0)
+
+
+def ellipsoid_section(box3d: np.ndarray, z: int) -> np.ndarray:
+    """The 2D box (x0, y0, x1, y1) of slice ``z``'s cross-section of the ellipsoid inscribed in the 3D box
+    ``(x0, y0, z0, x1, y1, z1)`` (inclusive indices; z semi-axis half the slice count): the box's
+    x/y extent scaled about its centre by sqrt(1 - t^2), t the slice's distance from the z-centre
+    in semi-axes (the middle slice keeps the whole box, the end slices get a smaller one)."""
+    x0, y0, z0, x1, y1, z1 = (float(v) for v in box3d[:6])
+    t = (z - (z0 + z1) / 2) / ((z1 - z0 + 1) / 2)
+    s = float(np.sqrt(max(0.0, 1.0 - t * t)))
+    cx, cy, hx, hy = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+    return np.array([cx - s * hx, cy - s * hy, cx + s * hx, cy + s * hy], np.float32)
 
 
 def nested_boxes(boxes: np.ndarray, valid: Sequence[int]) -> np.ndarray:
@@ -309,11 +343,12 @@ class Predictor:
 
     def _paste(self, seg2d: np.ndarray, logits: np.ndarray, tf: Transform, box_xy: np.ndarray, label: int,
                fill_box: bool = False, score2d: np.ndarray | None = None,
-               nest: np.ndarray | None = None) -> tuple[int, int, int, int] | None:
+               nest: np.ndarray | None = None, fill_xy: np.ndarray | None = None) -> tuple[int, int, int, int] | None:
         """Threshold one box's logits on its window, write ``label`` where it wins; return the mask bbox.
 
         ``fill_box`` (2D boxes, manifest ``min_mask_fill`` > 0): a mask covering less than that
-        fraction of its box becomes the whole box. Overlaps: with ``score2d`` (the logit of the
+        fraction of its box becomes the whole box (manifest ``fill_shape`` "ellipse": the ellipse
+        inscribed in it; :func:`fill_shape`). Overlaps: with ``score2d`` (the logit of the
         label written at each pixel so far, -inf where none) a pixel goes to the mask with the
         higher logit (ties: the larger label), and ``score2d`` is updated; a box that replaced a
         weak mask scores ``mask_threshold`` minus a number that grows with its area (below every real mask;
@@ -326,13 +361,12 @@ class Predictor:
         up = upsample_logits(logits[None], tf, rows, cols)[0]
         m = up > self.pp.mask_threshold
         if fill_box and self.pp.min_mask_fill > 0:
-            x0, y0, x1, y1 = (int(v) for v in box_xy[:4])
-            x0, y0 = max(x0, cols.start), max(y0, rows.start)
-            x1, y1 = min(x1, cols.stop - 1), min(y1, rows.stop - 1)
+            ibox = np.array([int(round(float(v))) for v in (box_xy if fill_xy is None else fill_xy)[:4]])
+            x0, y0 = max(ibox[0], cols.start), max(ibox[1], rows.start)
+            x1, y1 = min(ibox[2], cols.stop - 1), min(ibox[3], rows.stop - 1)
             inside = m[y0 - rows.start: y1 - rows.start + 1, x0 - cols.start: x1 - cols.start + 1]
             if inside.size and inside.sum() < self.pp.min_mask_fill * inside.size:
-                m[:] = False
-                inside[:] = True
+                m = fill_shape(ibox, self.pp.fill_shape, rows, cols)
                 # The box stands in for a weak mask. Its score lies below the threshold, so any
                 # other mask's positive logit beats it, and falls with the box's area in pixels
                 # (not the window's, which differs between crop windows), so of two such boxes the
@@ -537,7 +571,8 @@ class Predictor:
         cache = EmbeddingCache(int(cfg.cache_limit_mb * 2**20), fp16=cfg.cache_fp16)
         tf = get_transform((h, w), self.pp)
         given = {b: boxes[b, [0, 1, 3, 4]].astype(np.float32) for b in valid}
-        every_given = not follow_prompt and cfg.prompt_3d == "given"  # 2024 boxes: the given box on every slice
+        every_given = not follow_prompt and cfg.prompt_3d in ("given", "ellipsoid")  # 2024: a box from the given one
+        shrink = not follow_prompt and cfg.prompt_3d == "ellipsoid"
         up_prev: dict[int, tuple[int, int, int, int] | None] = {}
         down_prev: dict[int, tuple[int, int, int, int] | None] = {}
         # the fallback prompt of a vanished mask: the given box, or (follow_prompt) the last prompt
@@ -547,9 +582,13 @@ class Predictor:
         stopped_down: set[int] = set()
         encoded: set[int] = set()
 
-        def prompts_for(active: list[int], prev: dict, last: dict, stopped: set[int], start: dict[int, bool]) -> list[tuple[int, np.ndarray]]:
+        def prompts_for(active: list[int], prev: dict, last: dict, stopped: set[int], start: dict[int, bool],
+                        z: int) -> list[tuple[int, np.ndarray]]:
             out = []
             for b in active:
+                if shrink:
+                    out.append((b, ellipsoid_section(boxes[b], z)))
+                    continue
                 if start[b] or every_given:
                     out.append((b, given[b]))
                     continue
@@ -570,14 +609,15 @@ class Predictor:
             logits = self._decode(feats, transform_boxes(np.stack([p for _, p in todo]), tf))
             for j, (b, prompt) in enumerate(todo):
                 prev[b] = self._paste(segs[z], logits[j], tf, prompt if follow_prompt else given[b], labels[b],
-                                      score2d=None if scores is None else scores[z], nest=nest)
+                                      score2d=None if scores is None else scores[z], nest=nest,
+                                      fill_box=shrink, fill_xy=prompt if shrink else None)
                 if follow_prompt:
                     last[b] = prompt
 
         # sweep 1: ascending, middle slice .. z_max of every box
         for z in up_slices:
             active = [b for b in valid if mid[b] <= z <= z1[b] and b not in stopped_up]
-            todo = prompts_for(active, up_prev, up_last, stopped_up, {b: z == mid[b] for b in active})
+            todo = prompts_for(active, up_prev, up_last, stopped_up, {b: z == mid[b] for b in active}, z)
             if not todo:
                 continue
             feats, _ = self._encode(image[z])
@@ -592,7 +632,7 @@ class Predictor:
         # sweep 2: descending, middle - 1 .. z_min of every box
         for z in down_slices:
             active = [b for b in valid if z0[b] <= z < mid[b] and b not in stopped_down]
-            todo = prompts_for(active, down_prev, down_last, stopped_down, {b: False for b in active})
+            todo = prompts_for(active, down_prev, down_last, stopped_down, {b: False for b in active}, z)
             if todo:
                 feats = cache.get(z)
                 if feats is None:

@@ -54,7 +54,7 @@ class PredictOptions:
     decoder_batch: int = 16
     margin_px: int = 2
     on_empty: str = "box"
-    prompt_3d: str = "given"
+    prompt_3d: str = "ellipsoid"
     overlap: str = "nested"
     progress: bool = True
 

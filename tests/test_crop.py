@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from lapsam.runtime import Predictor
+from lapsam.runtime import Predictor, PredictorConfig
 from lapsam.runtime.interactive import ClassPrompt, SliceBox
 from test_runtime import FakeEngine, case2d, case3d
 
@@ -113,10 +113,11 @@ def test_3d_windows_per_box_and_slices_encoded_per_window() -> None:
         return [int(xx.min()), int(yy.min()), int(zz.min()), int(xx.max()), int(yy.max()), int(zz.max())]
 
     eng = FakeEngine()
-    pred = Predictor(eng, BOX)
+    given = PredictorConfig(prompt_3d="given")  # the big object is a cuboid: its box on every slice
+    pred = Predictor(eng, BOX, given)
     case = case3d(vol, [bbox(big), bbox(small)])
     segs = pred.predict(case)
-    plain = Predictor(FakeEngine(), OFF).predict(case)
+    plain = Predictor(FakeEngine(), OFF, given).predict(case)
     assert dsc(segs == 1, big) > 0.95 and dsc(segs == 2, small) > 0.8
     assert dsc(segs == 2, small) > dsc(plain == 2, small) + 0.1
     # the big box's slices 2..9 on the shared window, the small one's 2..8 on its own
@@ -258,3 +259,25 @@ def test_min_mask_fill_2d() -> None:
         assert (off == label).sum() < 0.5 * box.sum()
     with pytest.raises(ValueError):
         Preprocessing(min_mask_fill=1.5)
+
+
+def test_min_mask_fill_ellipse_2d() -> None:
+    """``fill_shape="ellipse"``: a weak mask becomes the ellipse inscribed in its box (pixel
+    centres inside it, worked out here from the axis lengths), a full mask stays as it was."""
+    img = np.zeros((200, 200, 3), np.uint8)
+    yy, xx = np.mgrid[:200, :200]
+    disc = (yy - 50) ** 2 + (xx - 50) ** 2 <= 30 ** 2
+    img[disc] = 250
+    img[150:160, 150:160] = 250  # covers 1/16 of its box
+    boxes = [[20, 20, 80, 80], [135, 130, 174, 189]]  # disc; square in a 40 x 60 box
+    pp = Preprocessing(input_size=S, min_mask_fill=0.5, fill_shape="ellipse")
+    segs = Predictor(FakeEngine(), pp).predict(case2d(img, boxes))
+    as_box = Predictor(FakeEngine(), Preprocessing(input_size=S, min_mask_fill=0.5)).predict(case2d(img, boxes))
+    assert np.array_equal(segs == 1, as_box == 1) and dsc(segs == 1, disc) > 0.9
+    # 40 px wide (x 135..174, centre 154.5, semi-axis 20), 60 px tall (y 130..189, centre 159.5, 30)
+    ellipse = (xx - 154.5) ** 2 * 30 ** 2 + (yy - 159.5) ** 2 * 20 ** 2 <= (20 * 30) ** 2
+    assert np.array_equal(segs == 2, ellipse)
+    assert abs(ellipse.sum() / (40 * 60) - np.pi / 4) < 0.01  # the inscribed ellipse: pi/4 of the box
+    assert (segs == 2).sum() < (as_box == 2).sum() == 40 * 60
+    with pytest.raises(ValueError):
+        Preprocessing(fill_shape="circle")

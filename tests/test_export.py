@@ -364,7 +364,8 @@ def test_slices_and_calibration(case_copy, caplog) -> None:
 
 def test_min_mask_fill_flag_reaches_the_manifest(small_checkpoint: Path, small_model_dir: Path, tmp_path: Path,
                                                  capsys, case_copy) -> None:
-    """`lapsam export --min-mask-fill F` records F in the manifest's preprocessing (default 0: off)."""
+    """`lapsam export --min-mask-fill F --fill-shape S` records F and S in the manifest's preprocessing
+    (defaults 0, off, and box)."""
     from lapsam.cli import build_parser, expand_argv
     from lapsam.export.exporter import export_model
 
@@ -375,11 +376,18 @@ def test_min_mask_fill_flag_reaches_the_manifest(small_checkpoint: Path, small_m
         with pytest.raises(SystemExit):
             p.parse_args(expand_argv(["export", "c.pt", "--out", "m", "--min-mask-fill", bad]))
     assert "expected a number in [0, 1]" in capsys.readouterr().err
+    assert p.parse_args(expand_argv(["export", "c.pt", "--out", "m", "--fill-shape", "ellipse"])).fill_shape == "ellipse"
+    assert p.parse_args(expand_argv(["export", "c.pt", "--out", "m"])).fill_shape is None
+    with pytest.raises(SystemExit):
+        p.parse_args(expand_argv(["export", "c.pt", "--out", "m", "--fill-shape", "circle"]))
     assert ModelManifest.load(small_model_dir).preprocessing.min_mask_fill == 0.0
+    assert ModelManifest.load(small_model_dir).preprocessing.fill_shape == "box"
     out = tmp_path / "filled"
-    export_model(small_checkpoint, out, backends=("onnx",), simplify=False, min_mask_fill=0.5)
+    export_model(small_checkpoint, out, backends=("onnx",), simplify=False, min_mask_fill=0.5, fill_shape="ellipse")
     assert json.loads((out / "manifest.json").read_text())["preprocessing"]["min_mask_fill"] == 0.5
+    assert json.loads((out / "manifest.json").read_text())["preprocessing"]["fill_shape"] == "ellipse"
     assert ModelManifest.load(out).preprocessing.min_mask_fill == 0.5
+    assert ModelManifest.load(out).preprocessing.fill_shape == "ellipse"
     # `export check` against the checkpoint: min_mask_fill is the export's rule, not the checkpoint's
     from lapsam.export.check import run_check
     from lapsam.export.exporter import ExportError

@@ -104,11 +104,12 @@ def test_3d_overlap_goes_to_the_more_confident_box() -> None:
     vol = np.zeros((6, 128, 128), np.uint8)
     vol[:, 20:100, 20:100] = 255
     boxes = [[40, 20, 0, 59, 99, 5], [20, 40, 0, 99, 79, 5]]
-    pred = Predictor(ConfidentEngine(by_width), PP, PredictorConfig())
+    given = PredictorConfig(prompt_3d="given")  # cuboid objects: their box on every slice
+    pred = Predictor(ConfidentEngine(by_width), PP, given)
     segs = pred.predict(case3d(vol, boxes))
     assert (segs[:, 45:75, 42:58] == 1).all()
-    assert (segs[:, 45:75, 22:30] == 2).all()  # propagated prompts grow by margin_px a slice
-    pred = Predictor(ConfidentEngine(lambda b: 10.0), PP, PredictorConfig())
+    assert (segs[:, 45:75, 22:30] == 2).all()
+    pred = Predictor(ConfidentEngine(lambda b: 10.0), PP, given)
     assert (pred.predict(case3d(vol, boxes))[:, 45:75, 42:58] == 2).all()
 
 

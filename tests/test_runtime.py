@@ -198,15 +198,15 @@ def test_3d_prompt_is_previous_mask_bbox_plus_margin():
     np.testing.assert_allclose(second, np.array([24 - 3, 20 - 3, 43 + 3, 39 + 3]) * sx)  # mask bbox + margin
 
 
-def test_3d_default_prompts_every_slice_with_the_given_box():
-    """2024 boxes, prompt_3d="given" (the default): every slice's prompt is the given box, and a
+def test_3d_given_prompts_every_slice_with_the_given_box():
+    """2024 boxes, prompt_3d="given": every slice's prompt is the given box, and a
     vanished mask changes nothing (no fallback, no stop)."""
     d, h, w = 12, 64, 64
     vol = unique_volume(d, h, w, 2)
     vol[3:7, 20:40, 24:44] = 250  # the object ends at slice 6; the box runs to slice 9
     given = [10, 10, 3, 54, 54, 9]
     for on_empty in ("box", "stop"):
-        pred, eng = make_predictor(on_empty=on_empty)
+        pred, eng = make_predictor(on_empty=on_empty, prompt_3d="given")
         segs = pred.predict(case3d(vol, [given]))
         sent = np.concatenate(eng.decode_batches)
         np.testing.assert_allclose(sent, np.tile(np.array([[10, 10, 54, 54]]) * (S / w), (7, 1)))
@@ -214,6 +214,50 @@ def test_3d_default_prompts_every_slice_with_the_given_box():
         assert (segs[3:7, 22:38, 26:42] == 1).all() and not segs[7:].any()
     with pytest.raises(ValueError, match="prompt_3d"):
         PredictorConfig(prompt_3d="tight")
+
+
+def test_3d_default_prompts_ellipsoid_sections_and_fills_weak_masks():
+    """2024 boxes, prompt_3d="ellipsoid" (the default): slice z of a box spanning z0..z1 is prompted
+    with the given box scaled about its centre by sqrt(1 - t^2), t = (z - zc) / ((z1 - z0 + 1) / 2);
+    with min_mask_fill a weak mask becomes the ellipse inscribed in that slice's box."""
+    d, h, w = 9, 64, 64
+    vol = unique_volume(d, h, w, 4)
+    vol[4, 14:50, 14:50] = 250  # an object on the middle slice only (2/3 of its box)
+    given = [10, 10, 0, 53, 53, 8]  # centre (31.5, 31.5, 4), x/y half-extent 21.5, z semi-axis 4.5
+    order = [4, 5, 6, 7, 8, 3, 2, 1, 0]  # sweep up from the middle slice, then down
+
+    def section(z: int) -> list[float]:
+        s = math.sqrt(1 - ((z - 4) / 4.5) ** 2)
+        return [31.5 - 21.5 * s, 31.5 - 21.5 * s, 31.5 + 21.5 * s, 31.5 + 21.5 * s]
+
+    pred, eng = make_predictor()
+    assert pred.config.prompt_3d == "ellipsoid"
+    segs = pred.predict(case3d(vol, [given]))
+    sent = np.concatenate(eng.decode_batches)
+    np.testing.assert_allclose(sent, np.array([section(z) for z in order]) * (S / w), rtol=1e-5)
+    assert (segs[4, 16:48, 16:48] == 1).all() and not segs[np.arange(d) != 4].any()  # no fill: weak masks stay
+    # with the fallback: slices without the object get the ellipse of their (rounded) section box
+    filled = Predictor(FakeEngine(), Preprocessing(input_size=S, min_mask_fill=0.5, fill_shape="ellipse"),
+                       PredictorConfig()).predict(case3d(vol, [given]))
+    yy, xx = np.mgrid[:h, :w]
+    for z in range(d):
+        if z == 4:
+            assert np.array_equal(filled[4], segs[4])
+            continue
+        x0, y0, x1, y1 = (int(round(v)) for v in section(z))
+        cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0 + 1) / 2, (y1 - y0 + 1) / 2
+        ell = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+        assert np.array_equal(filled[z] == 1, ell), z
+    assert (filled[0] == 1).sum() < (filled[2] == 1).sum() < (filled[3] == 1).sum()  # smaller towards the ends
+    # `lapsam predict` and friends default to it
+    from lapsam.cli import build_parser
+    from lapsam.runtime.predictor import PROMPT_3D
+
+    args = build_parser().parse_args(["predict", "-i", "in", "-o", "out"])
+    assert args.prompt_3d == "ellipsoid"
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["predict"]._actions
+                  if a.dest == "prompt_3d")
+    assert set(action.choices) == set(PROMPT_3D)
 
 
 @pytest.mark.parametrize("on_empty", ["box", "stop"])

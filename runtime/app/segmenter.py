@@ -106,7 +106,7 @@ class SegmenterConfig:
     cache_mb: float = 1024.0  # slice embeddings kept (float32; 4 MiB per slice at 512 input)
     margin_px: int = 2
     decoder_batch: int = 16
-    prompt_3d: str = "given"  # PredictorConfig.prompt_3d
+    prompt_3d: str = "ellipsoid"  # PredictorConfig.prompt_3d
 
 
 class Segmenter:
