@@ -1,5 +1,5 @@
 """``lapsam eval metrics|timing|report|model``: score predictions, time a submission image, report both,
-compare a model with box-fill."""
+compare a model with box-fill and ellipse-fill."""
 
 from __future__ import annotations
 
@@ -80,11 +80,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     mm = esub.add_parser(
         "model",
-        help="a model on cases next to box-fill: predict, score, one table, one PNG per case",
+        help="a model on cases next to box-fill and ellipse-fill: predict, score, one table, one PNG per case",
         description="Segment every case of CASES (imgs/ + gts/) with the exported model (torch-free runtime), "
-        "score it and the box-fill reference (every pixel inside each box) with the challenge metrics, print "
-        "one table (case, DSC, NSD, seconds, box-fill DSC/NSD) and write OUT/model_vs_boxfill.md/.csv, "
-        "OUT/segs/, OUT/boxfill/ and OUT/png/<case>.png (reference and prediction contours). "
+        "score it, the box-fill reference (every pixel inside each box) and the ellipse-fill reference (the "
+        "ellipse / ellipsoid inscribed in each box) with the challenge metrics, print one table (case, DSC, "
+        "NSD, seconds, box-fill DSC/NSD, ellipse-fill DSC) and write OUT/model_vs_boxfill.md/.csv, "
+        "OUT/segs/, OUT/boxfill/, OUT/ellipsefill/ and OUT/png/<case>.png (reference and prediction contours). "
         "Exit code 1 if any case failed.",
     )
     mm.add_argument("--cases", type=Path, required=True, help="folder with imgs/ and gts/ (e.g. demo/data)")

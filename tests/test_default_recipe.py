@@ -180,6 +180,40 @@ def test_boxfill_reference(tmp_path):
     np.testing.assert_array_equal(segs, ref)
 
 
+def test_ellipsefill_reference():
+    """Ellipse-fill: a voxel is in when its centre lies in the ellipsoid (3D) / ellipse (2D) whose
+    axes span the box's inclusive extent, checked voxel by voxel with the ellipse equation."""
+    from lapsam.case import case_from_arrays
+    from lapsam.eval.modelcheck import ellipsefill_segs
+
+    boxes = np.array([[2, 3, 1, 12, 9, 4], [5, 5, 2, 6, 6, 4]], np.int64)
+    case = case_from_arrays("3DBox_CT_x", {"imgs": np.zeros((6, 20, 30), np.uint8), "boxes": boxes,
+                                           "spacing": np.ones(3)})
+    segs = ellipsefill_segs(case)
+    ref = np.zeros_like(segs)
+    for z in range(6):
+        for y in range(20):
+            for x in range(30):
+                for i, (x0, y0, z0, x1, y1, z1) in enumerate(boxes):
+                    q = sum(((v - (a + c) / 2) / ((c - a + 1) / 2)) ** 2 for v, a, c in
+                            ((x, x0, x1), (y, y0, y1), (z, z0, z1)))
+                    if q <= 1:
+                        ref[z, y, x] = i + 1
+    np.testing.assert_array_equal(segs, ref)
+    assert (segs == 1).sum() < 11 * 7 * 4  # less than its box
+    boxes2 = np.array([[0, 0, 9, 3], [20, 10, 29, 19]], np.int64)
+    case2 = case_from_arrays("2DBox_US_x", {"imgs": np.zeros((20, 30, 3), np.uint8), "boxes": boxes2})
+    segs2 = ellipsefill_segs(case2)
+    ref2 = np.zeros_like(segs2)
+    for y in range(20):
+        for x in range(30):
+            for i, (x0, y0, x1, y1) in enumerate(boxes2):
+                if ((x - (x0 + x1) / 2) / ((x1 - x0 + 1) / 2)) ** 2 + ((y - (y0 + y1) / 2) / ((y1 - y0 + 1) / 2)) ** 2 <= 1:
+                    ref2[y, x] = i + 1
+    np.testing.assert_array_equal(segs2, ref2)
+    assert segs2[15, 25] == 2 and segs2[10, 20] == 0  # centre in, corner out
+
+
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lapsam.cli", *args], cwd=cwd, capture_output=True, text=True,
                           encoding="utf-8", errors="replace", timeout=900)
@@ -216,6 +250,7 @@ def test_tiny_recipe_run_config_train_export_predict_metrics(tmp_path):
     rows = list(csv.DictReader(open(out / "model_vs_boxfill.csv")))
     assert [x["case"] for x in rows] == ["2DBox_CT_amos_0004_75", "3DBox_MR_Breast1"]
     assert all(x["status"] == "ok" for x in rows)
+    assert all(0.0 < float(x["ellipsefill_dsc"]) <= 1.0 for x in rows)  # the second trivial reference, scored
     assert sorted(p.name for p in (out / "png").iterdir()) == ["2DBox_CT_amos_0004_75.png", "3DBox_MR_Breast1.png"]
     # the predictions are real segs of the input's shape, scored by the metrics
     segs = np.load(out / "segs" / "3DBox_MR_Breast1.npz")["segs"]
