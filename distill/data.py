@@ -29,7 +29,7 @@ import numpy as np
 
 from lapsam.manifest import Preprocessing
 from lapsam.modality import parse_modality
-from lapsam.preprocess import crop_window, preprocess_image, resize_2d
+from lapsam.preprocess import crop_window, ellipsoid_section, preprocess_image, resize_2d
 from lapsam.safe_npz import load_npz
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ class CaseStore:
         self.max_cached = max_cached
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._boxes: dict[tuple[int, int], np.ndarray | None] = {}
+        self._zranges: dict[tuple[int, int], tuple[int, int]] = {}
 
     def get(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if i in self._cache:
@@ -147,6 +148,14 @@ class CaseStore:
         if key not in self._boxes:
             self._boxes[key] = label_union(self.get(i)[1] == v)
         return self._boxes[key]
+
+    def label_zrange(self, i: int, v: int) -> tuple[int, int]:
+        """First and last slice (inclusive) of label ``v`` of the 3D case ``i``."""
+        key = (i, int(v))
+        if key not in self._zranges:
+            zs = np.flatnonzero((self.get(i)[1] == v).any(axis=(1, 2)))
+            self._zranges[key] = (int(zs[0]), int(zs[-1])) if zs.size else (0, 0)
+        return self._zranges[key]
 
     def is_3d(self, i: int) -> bool:
         imgs, gts = self.get(i)
@@ -295,6 +304,10 @@ class PromptConfig:
     # that the runtime's prompt_3d "given" puts on every slice, loose near the object's ends),
     # with this probability; checked before neighbour_box_prob.
     volume_box_prob: float = 0.0
+    # ... that extent as it is ("box": what prompt_3d "given" gives), or scaled to the slice's
+    # cross-section of the ellipsoid inscribed in the object's 3D box ("ellipsoid": what the
+    # runtime's default prompt_3d "ellipsoid" gives; lapsam.preprocess.ellipsoid_section)
+    volume_box_shape: str = "box"
     # Loose boxes (users' boxes are not tight): each side moves out by up to this fraction.
     loose_box_prob: float = 0.0
     loose_box_max: float = 0.3
@@ -303,6 +316,10 @@ class PromptConfig:
     # fraction of the cropped object's, so that objects stay near the runtime's scale and
     # one encoded crop supervises several objects. 0: the cropped object only.
     window_neighbours: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.volume_box_shape not in ("box", "ellipsoid"):
+            raise ValueError(f"prompt.volume_box_shape must be 'box' or 'ellipsoid', got {self.volume_box_shape!r}")
 
 
 @dataclass
@@ -501,6 +518,10 @@ class PromptSliceDataset:
             src = len(masks)
             if self.train and volume is not None and p.volume_box_prob > 0 and rng.random() < p.volume_box_prob:
                 vb = self.store.label_box(ref.case, v)  # x/y extent over every slice, slice pixels
+                if vb is not None and p.volume_box_shape == "ellipsoid":
+                    zs = self.store.label_zrange(ref.case, v)
+                    sec = ellipsoid_section(np.array([vb[0], vb[1], zs[0], vb[2], vb[3], zs[1]]), ref.z)
+                    vb = np.array([int(round(float(c))) for c in sec])
                 if vb is not None:
                     rect = np.zeros(lab.shape[:2], bool)
                     rect[max(0, vb[1] - oy): max(0, vb[3] - oy + 1), max(0, vb[0] - ox): max(0, vb[2] - ox + 1)] = True

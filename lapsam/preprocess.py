@@ -281,3 +281,15 @@ def _band(m: np.ndarray) -> tuple[int, int]:
 def postprocess_masks(logits: np.ndarray, tf: Transform, threshold: float = 0.0) -> np.ndarray:
     """Low-res logits (B, L, L) -> boolean masks (B, H, W) on the original grid."""
     return upsample_logits(logits, tf) > threshold
+
+
+def ellipsoid_section(box3d: np.ndarray, z: int) -> np.ndarray:
+    """The 2D box (x0, y0, x1, y1) of slice ``z``'s cross-section of the ellipsoid inscribed in the 3D box
+    ``(x0, y0, z0, x1, y1, z1)`` (inclusive indices; z semi-axis half the slice count): the box's
+    x/y extent scaled about its centre by sqrt(1 - t^2), t the slice's distance from the z-centre
+    in semi-axes (the middle slice keeps the whole box, the end slices get a smaller one)."""
+    x0, y0, z0, x1, y1, z1 = (float(v) for v in box3d[:6])
+    t = (z - (z0 + z1) / 2) / ((z1 - z0 + 1) / 2)
+    s = float(np.sqrt(max(0.0, 1.0 - t * t)))
+    cx, cy, hx, hy = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+    return np.array([cx - s * hx, cy - s * hy, cx + s * hx, cy + s * hy], np.float32)

@@ -159,9 +159,7 @@ def naive_predict(pred, case) -> np.ndarray:  # type: ignore[no-untyped-def]
 
     Same model, same pre/post-processing and propagation rule as :class:`Predictor`.
     """
-    from lapsam.preprocess import transform_boxes
-
-    from .predictor import ellipsoid_section
+    from lapsam.preprocess import ellipsoid_section, transform_boxes
 
     pred.stats.reset()
     segs = case.empty_segs()

@@ -6,7 +6,7 @@
 ``(z_min + z_max) // 2``) with the given box, and goes slice by slice to ``z_max``
 and down to ``z_min`` (inclusive). The prompt on each slice is, for 2024 boxes with
 ``prompt_3d="ellipsoid"`` (the default), the slice's cross-section of the ellipsoid inscribed in
-the given box (:func:`ellipsoid_section`: the whole box on the middle slice, smaller towards
+the given box (:func:`lapsam.preprocess.ellipsoid_section`: the whole box on the middle slice, smaller towards
 z_min and z_max), and a mask covering less than the manifest's ``min_mask_fill`` of that box is
 replaced by its ``fill_shape``, as on 2D boxes; with ``"given"``, the given box on every slice;
 with ``"propagate"`` (and always for 2025 box sweeps) the bounding box of the previous slice's
@@ -92,6 +92,7 @@ from lapsam.errors import CaseError
 from lapsam.manifest import ModelManifest, Preprocessing
 from lapsam.preprocess import (
     Transform,
+    ellipsoid_section,
     get_transform,
     preprocess_image,
     transform_boxes,
@@ -212,18 +213,6 @@ def fill_shape(box_xy: np.ndarray, shape: str, rows: slice, cols: slice) -> np.n
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     rx, ry = (x1 - x0 + 1) / 2, (y1 - y0 + 1) / 2
     return in_box & (((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1.0)
-
-
-def ellipsoid_section(box3d: np.ndarray, z: int) -> np.ndarray:
-    """The 2D box (x0, y0, x1, y1) of slice ``z``'s cross-section of the ellipsoid inscribed in the 3D box
-    ``(x0, y0, z0, x1, y1, z1)`` (inclusive indices; z semi-axis half the slice count): the box's
-    x/y extent scaled about its centre by sqrt(1 - t^2), t the slice's distance from the z-centre
-    in semi-axes (the middle slice keeps the whole box, the end slices get a smaller one)."""
-    x0, y0, z0, x1, y1, z1 = (float(v) for v in box3d[:6])
-    t = (z - (z0 + z1) / 2) / ((z1 - z0 + 1) / 2)
-    s = float(np.sqrt(max(0.0, 1.0 - t * t)))
-    cx, cy, hx, hy = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
-    return np.array([cx - s * hx, cy - s * hy, cx + s * hx, cy + s * hy], np.float32)
 
 
 def nested_boxes(boxes: np.ndarray, valid: Sequence[int]) -> np.ndarray:

@@ -258,6 +258,24 @@ def test_tiny_recipe_run_config_train_export_predict_metrics(tmp_path):
     assert segs.shape == gts.shape and segs.max() >= 1
 
 
+def test_volume_box_ellipsoid_prompt_is_the_runtime_section(tmp_path):
+    """volume_box_shape="ellipsoid": the prompt is the object's 3D box's ellipsoid section at the slice,
+    worked out here from the cone's extent (x 10..29, y 22..42, z 0..8), as the runtime prompts slice z."""
+    store, gts = _cone_case(tmp_path)
+    pp = Preprocessing(input_size=64)
+    cfg = FinetuneItemConfig(AugmentConfig(enabled=False),
+                             PromptConfig(box_jitter=0.0, point_prob=0.0, box_prob=1.0, objects_per_image=1,
+                                          volume_box_prob=1.0, volume_box_shape="ellipsoid", neighbour_box_prob=0.0))
+    for z in (2, 4, 8):
+        it = PromptSliceDataset(store, [SliceRef(0, z, "CT")], pp, cfg, seed=0, train=True)[0]
+        s = (1 - ((z - 4) / 4.5) ** 2) ** 0.5
+        expect = [round(19.5 - 9.5 * s), round(32 - 10 * s), round(19.5 + 9.5 * s), round(32 + 10 * s)]
+        assert [int(v) for v in it["boxes"][0]] == expect, z
+    assert expect[2] - expect[0] < 29 - 10  # the end slice's box is smaller than the extent
+    with pytest.raises(ValueError, match="volume_box_shape"):
+        PromptConfig(volume_box_shape="cube")
+
+
 def test_volume_box_prompt_is_the_given_3d_box(tmp_path):
     """With volume_box_prob=1 a 3D slice is prompted with the object's x/y extent over the whole
     volume (what the runtime's prompt_3d "given" puts on every slice), not with its own box."""
