@@ -35,7 +35,6 @@ from lapsam.manifest import (
     DECODER_OUTPUTS,
     ENCODER_INPUT,
     ENCODER_OUTPUTS,
-    FILL_SHAPES,
     MANIFEST_NAME,
     ModelFile,
     ModelManifest,
@@ -290,9 +289,7 @@ def export_model(
     pp: Preprocessing = model.preprocessing
     if min_mask_fill is not None:  # a post-processing rule of this export (Preprocessing.min_mask_fill)
         pp = dataclasses.replace(pp, min_mask_fill=float(min_mask_fill))
-    if fill_shape is not None:  # ... and what replaces a weak mask (Preprocessing.fill_shape)
-        if fill_shape not in FILL_SHAPES:
-            raise ExportError(f"fill shape must be one of {FILL_SHAPES}, got {fill_shape!r}")
+    if fill_shape is not None:  # ... and what replaces a weak mask (Preprocessing.fill_shape, checked there)
         pp = dataclasses.replace(pp, fill_shape=fill_shape)
     s = pp.input_size
     name = name or out_dir.name

@@ -171,6 +171,7 @@ def naive_predict(pred, case) -> np.ndarray:  # type: ignore[no-untyped-def]
             pred._paste(segs, logits[0], tf, case.boxes[i], i + 1, score2d=scores)
         return segs
     d, h, w = case.image.shape
+    shrink = pred.config.prompt_3d == "ellipsoid"
     mid = pred.mid_slices(case)
     stop = pred.config.on_empty == "stop"
     for i in case.valid_box_indices:
@@ -183,7 +184,7 @@ def naive_predict(pred, case) -> np.ndarray:  # type: ignore[no-untyped-def]
         for chain in (up, down):
             prev = mid_bb
             for z, start in chain:
-                if pred.config.prompt_3d == "ellipsoid":
+                if shrink:
                     prompt = ellipsoid_section(b, z)
                 elif start or pred.config.prompt_3d == "given":
                     prompt = given
@@ -195,7 +196,6 @@ def naive_predict(pred, case) -> np.ndarray:  # type: ignore[no-untyped-def]
                     prompt = given
                 feats, tf = pred._encode(case.image[z])
                 logits = pred._decode(feats, transform_boxes(prompt[None], tf))
-                shrink = pred.config.prompt_3d == "ellipsoid"
                 prev = pred._paste(segs[z], logits[0], tf, given, i + 1, score2d=scores[z], fill_box=shrink,
                                    fill_xy=prompt if shrink else None)
                 if start:

@@ -206,10 +206,8 @@ def fill_shape(box_xy: np.ndarray, shape: str, rows: slice, cols: slice) -> np.n
     ys = np.arange(rows.start, rows.stop, dtype=np.float64)[:, None]
     xs = np.arange(cols.start, cols.stop, dtype=np.float64)[None, :]
     in_box = (ys >= y0) & (ys <= y1) & (xs >= x0) & (xs <= x1)
-    if shape == "box":
+    if shape != "ellipse":  # "box" (Preprocessing checks the word)
         return in_box
-    if shape != "ellipse":
-        raise ValueError(f"fill shape must be 'box' or 'ellipse', got {shape!r}")
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     rx, ry = (x1 - x0 + 1) / 2, (y1 - y0 + 1) / 2
     return in_box & (((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1.0)
@@ -560,8 +558,8 @@ class Predictor:
         cache = EmbeddingCache(int(cfg.cache_limit_mb * 2**20), fp16=cfg.cache_fp16)
         tf = get_transform((h, w), self.pp)
         given = {b: boxes[b, [0, 1, 3, 4]].astype(np.float32) for b in valid}
-        every_given = not follow_prompt and cfg.prompt_3d in ("given", "ellipsoid")  # 2024: a box from the given one
-        shrink = not follow_prompt and cfg.prompt_3d == "ellipsoid"
+        every_given = not follow_prompt and cfg.prompt_3d == "given"  # 2024 boxes: the given box on every slice
+        shrink = not follow_prompt and cfg.prompt_3d == "ellipsoid"  # 2024 boxes: its ellipsoid section
         up_prev: dict[int, tuple[int, int, int, int] | None] = {}
         down_prev: dict[int, tuple[int, int, int, int] | None] = {}
         # the fallback prompt of a vanished mask: the given box, or (follow_prompt) the last prompt
