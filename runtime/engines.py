@@ -83,6 +83,12 @@ OV_CACHE_MODES_FILE = "lapsam-cache-modes.json"
 #: ``serial``: open the encoder and decoder one after the other on the calling thread;
 #: ``concurrent`` (default): at once, in two worker threads (:func:`load_engine`).
 MODEL_LOAD_ENV = "LAPSAM_MODEL_LOAD"
+#: OpenVINO CPU plugin's snippets (JIT-fused subgraphs): ``DISABLE`` (default) or ``ENABLE`` (the
+#: plugin's own default). Disabled, both graphs load from the compile cache faster (the fused
+#: kernels are generated at every load, cache or not) at the same inference speed: measured in
+#: BENCHMARKS.md (issue #15). A plugin that does not know the key compiles without it.
+OV_SNIPPETS_ENV = "LAPSAM_OV_SNIPPETS"
+OV_SNIPPETS_MODES = ("DISABLE", "ENABLE")
 MODEL_LOAD_MODES = ("concurrent", "serial")
 
 
@@ -283,7 +289,17 @@ class OvGraph:
         # which moves mask boundaries away from ONNX Runtime, `export check` and the challenge's Skylake
         config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(threads),
                                      "INFERENCE_PRECISION_HINT": precision_hint or "f32"}
-        self.compiled = _ov_compile(core or ov.Core(), self.path, config, cache_dir, cache_mode)
+        snippets = ov_snippets_mode()
+        core = core or ov.Core()
+        try:
+            self.compiled = _ov_compile(core, self.path, {**config, "SNIPPETS_MODE": snippets}, cache_dir, cache_mode)
+        except RuntimeError as exc:
+            if "SNIPPETS_MODE" not in str(exc):
+                raise
+            log.debug("OpenVINO %s: no SNIPPETS_MODE property; compiling with the plugin's default", ov.__version__)
+            snippets = None
+            self.compiled = _ov_compile(core, self.path, config, cache_dir, cache_mode)
+        self.snippets_mode = snippets
         self.loaded_from_cache = _loaded_from_cache(self.compiled)
         self.request = self.compiled.create_infer_request()
         self.inputs = {p.get_any_name(): np.dtype(p.get_element_type().to_dtype()) for p in self.compiled.inputs}
@@ -293,6 +309,14 @@ class OvGraph:
         self.request.infer(_feed(self, feeds, self.path), share_inputs=True)
         # copies: the request's output buffers are reused by the next call
         return [np.array(self.request.get_tensor(n).data, np.float32) for n in (outputs or self.output_names)]
+
+
+def ov_snippets_mode() -> str:
+    """$LAPSAM_OV_SNIPPETS (:data:`OV_SNIPPETS_MODES`), else ``DISABLE``."""
+    mode = os.environ.get(OV_SNIPPETS_ENV, "").strip().upper() or "DISABLE"
+    if mode not in OV_SNIPPETS_MODES:
+        raise UsageError(f"${OV_SNIPPETS_ENV} must be one of {'|'.join(OV_SNIPPETS_MODES)}, got {mode!r}")
+    return mode
 
 
 def ov_cache_mode(role: str, cache_dir: str, explicit: str | None = None) -> str | None:

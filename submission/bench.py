@@ -15,6 +15,10 @@ phase ``lapsam predict`` records, Python's exit, wait + removal. All runs of one
 alternate (baseline, case, baseline, case ...), so the ratio of the case's total to the
 baseline is measured in one run on one machine; medians over the rounds are printed.
 
+3. the floor (unless ``--no-floor``): the same container running only ``python -c "import numpy,
+   ENGINE"`` (the engine predict.sh uses): the start-up that any Python runtime with that engine
+   pays before it opens a model, printed with its own ratio to the baseline.
+
 The steps add up to the case's total. Phases that ran in worker threads beside them (the encoder
 and decoder compiles, opened at once: ``concurrent`` in the timings record) are printed apart,
 under the total, and are not part of the sum; the main thread's share of the load is its own
@@ -37,6 +41,9 @@ from .context import SubmissionError
 #: The issue's target: a small 2D case within this many times ``docker run IMAGE true``.
 TARGET_RATIO = 2.0
 AGGREGATE_SUFFIX = " (all)"
+#: The floor's command: the image's Python importing numpy and the engine predict.sh uses.
+FLOOR_COMMAND = ["python", "-c", "import importlib, os, numpy; "
+                 "importlib.import_module(os.environ.get('LAPSAM_BACKEND') or 'openvino')"]
 
 
 @dataclass(frozen=True)
@@ -145,9 +152,10 @@ class Series:
 
 
 def format_report(variant: Variant, case_name: str, base: Series, case: Series,
-                  beside: Series | None = None) -> list[str]:
+                  beside: Series | None = None, floor: Series | None = None) -> list[str]:
     """The table of one image and case; ``beside``: the rows of :func:`concurrent_rows`, printed
-    under the total (they overlap the steps, so they have no share of it)."""
+    under the total (they overlap the steps, so they have no share of it); ``floor``: the runs of
+    :data:`FLOOR_COMMAND`, printed with their ratio to the baseline."""
     rows_b, rows_c = base.table(), case.table()
     rows_x = beside.table() if beside is not None else []
     w = max([40] + [len(n) + 2 for n, *_ in rows_b + rows_c + rows_x])
@@ -168,6 +176,13 @@ def format_report(variant: Variant, case_name: str, base: Series, case: Series,
         for name, med, lo, n in rows_x:
             out.append(f"  {'  ' + name:{w}s} {med:9.3f} {lo:8.3f} {'':6s}  {n}")
     ratio = total / bt if bt > 0 else float("inf")
+    if floor is not None and floor.walls:
+        fl = floor.median_wall
+        label = "floor: docker run ... python -c 'import numpy, ENGINE'"
+        out.append(f"  {label:{w}s} {fl:9.3f} "
+                   f"{min(floor.walls):8.3f} {'':6s}  {len(floor.walls)}")
+        out.append(f"  floor / docker run true: {fl / bt if bt > 0 else float('inf'):.2f}; the case above the floor: "
+                   f"{total - fl:.3f} s (model load, the case, lapsam's imports)")
     verdict = "within" if ratio <= TARGET_RATIO else "above"
     out.append(f"  ratio case total / docker run true: {ratio:.2f} (medians; target <= {TARGET_RATIO:.1f}: {verdict})")
     return out
@@ -204,10 +219,13 @@ def run_bench(args: argparse.Namespace, emit=print) -> int:  # type: ignore[no-u
         emit(f"docker {info.get('Version', '?')}; each run a fresh container, as the organisers run it:\n"
              f"  {official_command_line('IMAGE')}  (+ -e LAPSAM_TIMINGS=1)\n"
              f"  baseline: the same options, command `true`")
-        emit(f"{args.repeats} round(s), each: baseline, then each case, for each image (alternating)")
+        floor_on = getattr(args, "floor", True)
+        emit(f"{args.repeats} round(s), each: baseline, {'floor, ' if floor_on else ''}then each case, "
+             "for each image (alternating)")
         base: dict[str, Series] = {v.label: Series([], []) for v in variants}
         runs: dict[tuple[str, str], Series] = {(v.label, c.name): Series([], []) for v in variants for c in cases}
         beside: dict[tuple[str, str], Series] = {k: Series([], []) for k in runs}
+        floors: dict[str, Series] = {v.label: Series([], []) for v in variants}
         for rnd in range(1, args.repeats + 1):
             for v in variants:
                 b = time_empty_run(v.tag, client, v.env or None, command=["true"])
@@ -217,6 +235,13 @@ def run_bench(args: argparse.Namespace, emit=print) -> int:  # type: ignore[no-u
                 base[v.label].runs.append(baseline_rows(b))
                 base[v.label].walls.append(b.wall_s)
                 parts = [f"true {b.wall_s:.3f} s"]
+                if floor_on:
+                    f = time_empty_run(v.tag, client, v.env or None, command=FLOOR_COMMAND)
+                    if f.exit_code != 0:
+                        emit(f"error: the floor command failed in {v.tag}: exit {f.exit_code}\n{f.log_tail}")
+                        return 1
+                    floors[v.label].walls.append(f.wall_s)
+                    parts.append(f"floor {f.wall_s:.3f} s")
                 for c in cases:
                     r, problems = time_case_run(v.tag, c, client, {**v.env, timings.ENV: "1"}, log_lines=400,
                                                 check=True)
@@ -231,6 +256,6 @@ def run_bench(args: argparse.Namespace, emit=print) -> int:  # type: ignore[no-u
         for v in variants:
             for c in cases:
                 for line in format_report(v, c.name, base[v.label], runs[(v.label, c.name)],
-                                          beside[(v.label, c.name)]):
+                                          beside[(v.label, c.name)], floors[v.label]):
                     emit(line)
     return 0

@@ -90,6 +90,8 @@ def register_bench(bench_sub: argparse._SubParsersAction) -> None:
     b.add_argument("--vs-env", action="append", default=[], metavar="KEY=VALUE",
                    help="B = --vs-tag (default: --tag) with this environment (repeatable), e.g. "
                    "LAPSAM_OV_CACHE_DIR= (no compile cache) or LAPSAM_VERIFIED_MARKER= (hash every start)")
+    b.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="skip the floor runs (the image's Python importing numpy and the engine, nothing else)")
     b.set_defaults(func=cmd_bench)
 
 

@@ -136,6 +136,31 @@ def test_openvino_runs_f32_unless_bf16_is_asked_for(small_model_dir: Path):
         assert hint.get_type_name() == "bf16"
 
 
+def _layer_types(graph) -> list[str]:  # type: ignore[no-untyped-def]
+    return [op.get_rt_info()["layerType"].astype(str) for op in graph.compiled.get_runtime_model().get_ops()]
+
+
+def test_openvino_snippets_off_by_default_same_outputs(small_model_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """Snippets (the CPU plugin's JIT-fused subgraphs) are off unless $LAPSAM_OV_SNIPPETS=ENABLE: the
+    executed graph has no 'Subgraph' node then, and both modes give the same encoder outputs."""
+    from lapsam.errors import UsageError
+    from lapsam.runtime.engines import OvGraph
+
+    enc = next(p for p in small_model_dir.rglob("*.xml") if "encoder" in p.name)
+    monkeypatch.delenv("LAPSAM_OV_SNIPPETS", raising=False)
+    off = OvGraph(enc, 1)
+    assert off.snippets_mode == "DISABLE" and "Subgraph" not in _layer_types(off)
+    monkeypatch.setenv("LAPSAM_OV_SNIPPETS", "enable")
+    on = OvGraph(enc, 1)
+    assert on.snippets_mode == "ENABLE" and "Subgraph" in _layer_types(on)  # the plugin's default fuses
+    x = {"image": np.random.default_rng(0).standard_normal(tuple(off.compiled.inputs[0].shape), np.float32)}
+    for a, b in zip(off.run(x), on.run(x)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("LAPSAM_OV_SNIPPETS", "sometimes")
+    with pytest.raises(UsageError, match="LAPSAM_OV_SNIPPETS"):
+        OvGraph(enc, 1)
+
+
 def test_backends_agree_and_3d_counts(small_model_dir: Path, imgs_dir: Path):
     ov = Predictor.from_model_dir(small_model_dir, backend="openvino", threads=1)
     ort = Predictor.from_model_dir(small_model_dir, backend="onnxruntime", threads=1)

@@ -458,6 +458,13 @@ def test_bench_breakdown_adds_up_and_reports_the_ratio() -> None:
                           Series([rows], [0.80]))
     assert lines[-1].strip().startswith("ratio case total / docker run true: 2.67")
     assert any("model load: encoder compile (from cache)" in ln for ln in lines)
+    floor = Series([], [0.45, 0.40, 0.50])  # the floor runs: median 0.45 s = 1.5x the 0.30 s baseline
+    with_floor = format_report(Variant("A", "img", {}), "2DBox_US_0001.npz", Series([baseline_rows(base)], [0.30]),
+                               Series([rows], [0.80]), floor=floor)
+    assert with_floor[-1] == lines[-1] and len(with_floor) == len(lines) + 2
+    assert with_floor[-3].split()[-3:] == ["0.450", "0.400", "3"]
+    assert with_floor[-2].strip() == ("floor / docker run true: 1.50; the case above the floor: 0.350 s "
+                                      "(model load, the case, lapsam's imports)")
     with pytest.raises(Exception, match="timings-json"):
         case_rows(RunResult(exit_code=0, wall_s=1.0, t_create=t0, started_at=t0, finished_at=t0, t_removed=t0))
 

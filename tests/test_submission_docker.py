@@ -186,7 +186,8 @@ def test_bench_submission_prints_the_breakdown(client, image_tag: str, capsys) -
     out = capsys.readouterr().out
     for step in ("docker run ... true (baseline, total)", "docker: create + start", "python start:",
                  "model load: encoder compile (from cache)", "case: encoder", "case: write",
-                 "case total (docker run to removal)", "ratio case total / docker run true:"):
+                 "case total (docker run to removal)", "ratio case total / docker run true:",
+                 "floor: docker run ... python -c 'import numpy, ENGINE'", "floor / docker run true:"):
         assert step in out, (step, out)
 
 
