@@ -34,6 +34,7 @@ class ModelSection:
     crop_min_px: int = 64  # crop_mode "box": a box's window is at least this many pixels
     crop_shared_frac: float = 0.5  # crop_mode "box": boxes whose window covers this much share one
     decoder: str = "sam2"  # "sam2": SAM2's mask decoder; "lite": image-side work once per image (LiteMaskDecoder)
+    decoder_dim: int = 256  # sam2 decoder width; < 256: NarrowMaskDecoder (random weights, cheaper per prompt)
 
 
 @dataclass

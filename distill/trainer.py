@@ -98,6 +98,7 @@ def lapsam_config(m: ModelSection) -> LapSamConfig:
         crop_min_px=m.crop_min_px,
         crop_shared_frac=m.crop_shared_frac,
         decoder=m.decoder,
+        decoder_dim=m.decoder_dim,
     )
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
+from decoder_export import check_exported_decoder, export_small, random_prompts  # noqa: E402
 from lapsam.distill.modeling import LapSamConfig, StudentConfig, build_lapsam  # noqa: E402
 from lapsam.distill.modeling.lite_decoder import LiteMaskDecoder  # noqa: E402
 
@@ -32,12 +32,7 @@ def model():
 
 
 def _prompts(b: int, p: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    xy0 = torch.rand(b, 2, generator=g) * S / 2
-    boxes = torch.cat([xy0, xy0 + 8 + torch.rand(b, 2, generator=g) * S / 3], 1)
-    coords = torch.rand(b, p, 2, generator=g) * S
-    labels = torch.randint(0, 2, (b, p), generator=g).to(torch.int32)
-    return boxes, coords, labels
+    return random_prompts(b, p, S, seed)
 
 
 def test_builds_lite_and_rejects_unknown() -> None:
@@ -97,40 +92,9 @@ def test_gradient_reaches_every_decoder_parameter() -> None:
 
 @pytest.fixture(scope="module")
 def exported(model, tmp_path_factory) -> Path:
-    from lapsam.distill.modeling.checkpoint import save_checkpoint
-    from lapsam.export.exporter import export_model
-
-    tmp = tmp_path_factory.mktemp("lite")
-    export_model(save_checkpoint(tmp / "lite.pt", model), tmp / "model", backends=("onnx", "openvino"))
-    return tmp / "model"
+    return export_small(model, tmp_path_factory.mktemp("lite"), "lite")
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_exported_lite_decoder_matches_pytorch(model, exported: Path, backend: str) -> None:
-    from lapsam.runtime.engines import EngineOptions, load_engine
-
-    from lapsam.manifest import ModelManifest
-
-    out = exported
-    m = ModelManifest.load(out)
-    low = m.preprocessing.low_res_size
-    engine = load_engine(out, m, EngineOptions(backend=backend, precision_hint="f32"), threads=1)
-    rng = np.random.default_rng(2)
-    image = rng.standard_normal((1, 3, S, S)).astype(np.float32)
-    feats = engine.encode(image)
-    with torch.no_grad():
-        tfeats = model.encode(torch.from_numpy(image))
-    for b, p in [(1, 0), (7, 0), (7, 3)]:
-        boxes, coords, labels = (t.numpy().astype(np.float32) for t in _prompts(b, p, seed=b + p))
-        mask_in = (rng.standard_normal((b, 1, low, low)) * 4).astype(np.float32)
-        masks, iou = engine.decode(feats, boxes, coords, labels, mask_in, np.zeros((b,), np.float32))
-        with torch.no_grad():
-            ref, ref_iou = model.decode(*tfeats, boxes=torch.from_numpy(boxes),
-                                        point_coords=torch.from_numpy(coords) if p else None,
-                                        point_labels=torch.from_numpy(labels).to(torch.int32) if p else None,
-                                        repeat_image=True)
-        np.testing.assert_allclose(masks, ref.numpy(), atol=2e-3, err_msg=f"B={b} P={p}")
-        np.testing.assert_allclose(iou, ref_iou.numpy(), atol=2e-3)
-        # this decoder takes no dense prompt: a mask input changes nothing
-        masks2, _ = engine.decode(feats, boxes, coords, labels, mask_in, np.ones((b,), np.float32))
-        np.testing.assert_allclose(masks2, masks, atol=1e-6)
+    check_exported_decoder(model, exported, backend, _prompts, S, [(1, 0), (7, 0), (7, 3)], dense_prompt=False)

@@ -143,8 +143,9 @@ def _layer_types(graph) -> list[str]:  # type: ignore[no-untyped-def]
 def test_openvino_snippets_off_by_default_same_outputs(small_model_dir: Path, monkeypatch: pytest.MonkeyPatch):
     """Snippets (the CPU plugin's JIT-fused subgraphs) are off unless $LAPSAM_OV_SNIPPETS=ENABLE: the
     executed graph has no 'Subgraph' node then, and both modes give the same encoder outputs."""
-    from lapsam.errors import UsageError
     from lapsam.runtime.engines import OvGraph
+
+    from lapsam.errors import UsageError
 
     enc = next(p for p in small_model_dir.rglob("*.xml") if "encoder" in p.name)
     monkeypatch.delenv("LAPSAM_OV_SNIPPETS", raising=False)
@@ -154,7 +155,7 @@ def test_openvino_snippets_off_by_default_same_outputs(small_model_dir: Path, mo
     on = OvGraph(enc, 1)
     assert on.snippets_mode == "ENABLE" and "Subgraph" in _layer_types(on)  # the plugin's default fuses
     x = {"image": np.random.default_rng(0).standard_normal(tuple(off.compiled.inputs[0].shape), np.float32)}
-    for a, b in zip(off.run(x), on.run(x)):
+    for a, b in zip(off.run(x), on.run(x), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     monkeypatch.setenv("LAPSAM_OV_SNIPPETS", "sometimes")
     with pytest.raises(UsageError, match="LAPSAM_OV_SNIPPETS"):

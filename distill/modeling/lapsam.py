@@ -43,6 +43,9 @@ class LapSamConfig:
     # Mask decoder: "sam2" (SAM2's, per-prompt two-way transformer; loads a teacher's weights)
     # or "lite" (LiteMaskDecoder: image-side work once per image, shared by all its prompts).
     decoder: str = "sam2"
+    # Width of SAM2's decoder (and of the prompt encoder): 256 is SAM2's (teacher weights load);
+    # below, NarrowMaskDecoder (random weights; cheaper per prompt).
+    decoder_dim: int = 256
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -65,6 +68,7 @@ class LapSamConfig:
             crop_min_px=int(d.get("crop_min_px", 64)),
             crop_shared_frac=float(d.get("crop_shared_frac", 0.5)),
             decoder=str(d.get("decoder", "sam2")),
+            decoder_dim=int(d.get("decoder_dim", 256)),
         )
 
 

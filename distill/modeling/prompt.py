@@ -10,7 +10,7 @@ from torch import nn
 
 from ..sam2_factory import build_sam2_model, resolve_sam2_name
 from .lite_decoder import LiteMaskDecoder
-from .student import EMBED_DIM
+from .student import EMBED_DIM, HIGH_RES_DIMS
 
 if TYPE_CHECKING:
     from .lapsam import LapSamConfig
@@ -65,17 +65,72 @@ def concat_prompts(
     return torch.cat(parts_c, dim=1), torch.cat(parts_l, dim=1)
 
 
+class NarrowMaskDecoder(nn.Module):
+    """SAM2's mask decoder at a narrower width ``dim`` (< the encoder's 256 channels).
+
+    The same architecture as the teacher's (``MaskDecoder`` + ``TwoWayTransformer``: depth 2, 8
+    heads, MLP 8 x ``dim``, IoU and object-score heads), built from SAM2's own classes with random
+    weights, behind three 1x1 projections of the encoder's outputs: the image embedding 256 ->
+    ``dim``, the high-res features 32 -> ``dim``/8 and 64 -> ``dim``/4 (SAM2's ``conv_s0`` /
+    ``conv_s1`` places). At 128, the per-prompt transformer and upscaling take about a quarter of
+    the multiply-adds of SAM2's at 256; the projections run once per image. Called like SAM2's decoder.
+    """
+
+    def __init__(self, dim: int, in_dim: int = EMBED_DIM, high_res_dims: tuple[int, int] = HIGH_RES_DIMS):
+        super().__init__()
+        from sam2.modeling.sam.mask_decoder import MaskDecoder
+        from sam2.modeling.sam.transformer import TwoWayTransformer
+
+        if dim % 8 or dim <= 0:
+            raise ValueError(f"decoder_dim must be a positive multiple of 8, got {dim}")
+        self.dim = dim
+        self.proj = nn.Conv2d(in_dim, dim, 1)
+        self.proj_s0 = nn.Conv2d(high_res_dims[0], dim // 8, 1)
+        self.proj_s1 = nn.Conv2d(high_res_dims[1], dim // 4, 1)
+        self.decoder = MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=8 * dim, num_heads=8),
+            transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=dim, use_high_res_features=True,
+            iou_prediction_use_sigmoid=True, pred_obj_scores=True, pred_obj_scores_mlp=True,
+            use_multimask_token_for_obj_ptr=True,
+        )
+
+    def forward(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse_prompt_embeddings: torch.Tensor,
+                dense_prompt_embeddings: torch.Tensor, multimask_output: bool, repeat_image: bool,
+                high_res_features: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        s0, s1 = self.proj_s0(high_res_features[0]), self.proj_s1(high_res_features[1])
+        b = sparse_prompt_embeddings.shape[0]
+        if repeat_image:
+            # one image for B prompts: the high-res features are repeated to B here (SAM2 adds them
+            # by broadcasting, which OpenVINO's CPU plugin rejects once fused into the upscaling)
+            s0, s1 = s0.repeat(b, 1, 1, 1), s1.repeat(b, 1, 1, 1)
+        return self.decoder(image_embeddings=self.proj(image_embeddings), image_pe=image_pe,
+                            sparse_prompt_embeddings=sparse_prompt_embeddings,
+                            dense_prompt_embeddings=dense_prompt_embeddings, multimask_output=multimask_output,
+                            repeat_image=repeat_image, high_res_features=[s0, s1])
+
+
 def build_prompt_heads(config: LapSamConfig) -> tuple[nn.Module, nn.Module]:
     """SAM2's prompt encoder (resized to the student's grid) and the mask decoder.
 
     ``config.decoder == "sam2"``: SAM2's mask decoder from the teacher config (with the teacher's
-    weights when it has a checkpoint); ``"lite"``: a :class:`LiteMaskDecoder` (random weights).
+    weights when it has a checkpoint), or at ``config.decoder_dim`` < 256 a :class:`NarrowMaskDecoder`
+    (random weights; its prompt encoder is that wide too); ``"lite"``: a :class:`LiteMaskDecoder`.
     """
     from sam2.modeling.sam.prompt_encoder import PromptEncoder
 
+    s = config.student.input_size
+    if config.decoder_dim != EMBED_DIM:
+        if config.decoder != "sam2":
+            raise ValueError(f"decoder_dim {config.decoder_dim} is for the sam2 decoder, not {config.decoder!r}")
+        if config.teacher_checkpoint:
+            raise ValueError(f"decoder_dim {config.decoder_dim}: a teacher's decoder weights are {EMBED_DIM} wide; "
+                             "use decoder_dim 256 with a teacher checkpoint")
+        pe = PromptEncoder(embed_dim=config.decoder_dim, image_embedding_size=(s // 16, s // 16),
+                           input_image_size=(s, s), mask_in_chans=16)
+        return pe, NarrowMaskDecoder(config.decoder_dim)
     teacher_cfg, teacher_size = resolve_sam2_name(config.teacher)
     sam = build_sam2_model(teacher_cfg, config.teacher_checkpoint, teacher_size)
-    s = config.student.input_size
     pe = PromptEncoder(
         embed_dim=EMBED_DIM,
         image_embedding_size=(s // 16, s // 16),
