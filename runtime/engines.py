@@ -83,13 +83,13 @@ OV_CACHE_MODES_FILE = "lapsam-cache-modes.json"
 #: ``serial``: open the encoder and decoder one after the other on the calling thread;
 #: ``concurrent`` (default): at once, in two worker threads (:func:`load_engine`).
 MODEL_LOAD_ENV = "LAPSAM_MODEL_LOAD"
+MODEL_LOAD_MODES = ("concurrent", "serial")
 #: OpenVINO CPU plugin's snippets (JIT-fused subgraphs): ``DISABLE`` (default) or ``ENABLE`` (the
 #: plugin's own default). Disabled, both graphs load from the compile cache faster (the fused
 #: kernels are generated at every load, cache or not) at the same inference speed: measured in
 #: BENCHMARKS.md (issue #15). A plugin that does not know the key compiles without it.
 OV_SNIPPETS_ENV = "LAPSAM_OV_SNIPPETS"
 OV_SNIPPETS_MODES = ("DISABLE", "ENABLE")
-MODEL_LOAD_MODES = ("concurrent", "serial")
 
 
 class ModelLoadError(LapsamError):

@@ -179,8 +179,7 @@ def format_report(variant: Variant, case_name: str, base: Series, case: Series,
     if floor is not None and floor.walls:
         fl = floor.median_wall
         label = "floor: docker run ... python -c 'import numpy, ENGINE'"
-        out.append(f"  {label:{w}s} {fl:9.3f} "
-                   f"{min(floor.walls):8.3f} {'':6s}  {len(floor.walls)}")
+        out.append(f"  {label:{w}s} {fl:9.3f} {min(floor.walls):8.3f} {'':6s}  {len(floor.walls)}")
         out.append(f"  floor / docker run true: {fl / bt if bt > 0 else float('inf'):.2f}; the case above the floor: "
                    f"{total - fl:.3f} s (model load, the case, lapsam's imports)")
     verdict = "within" if ratio <= TARGET_RATIO else "above"
@@ -219,8 +218,7 @@ def run_bench(args: argparse.Namespace, emit=print) -> int:  # type: ignore[no-u
         emit(f"docker {info.get('Version', '?')}; each run a fresh container, as the organisers run it:\n"
              f"  {official_command_line('IMAGE')}  (+ -e LAPSAM_TIMINGS=1)\n"
              f"  baseline: the same options, command `true`")
-        floor_on = getattr(args, "floor", True)
-        emit(f"{args.repeats} round(s), each: baseline, {'floor, ' if floor_on else ''}then each case, "
+        emit(f"{args.repeats} round(s), each: baseline, {'floor, ' if args.floor else ''}then each case, "
              "for each image (alternating)")
         base: dict[str, Series] = {v.label: Series([], []) for v in variants}
         runs: dict[tuple[str, str], Series] = {(v.label, c.name): Series([], []) for v in variants for c in cases}
@@ -235,7 +233,7 @@ def run_bench(args: argparse.Namespace, emit=print) -> int:  # type: ignore[no-u
                 base[v.label].runs.append(baseline_rows(b))
                 base[v.label].walls.append(b.wall_s)
                 parts = [f"true {b.wall_s:.3f} s"]
-                if floor_on:
+                if args.floor:
                     f = time_empty_run(v.tag, client, v.env or None, command=FLOOR_COMMAND)
                     if f.exit_code != 0:
                         emit(f"error: the floor command failed in {v.tag}: exit {f.exit_code}\n{f.log_tail}")

@@ -83,7 +83,6 @@ class NarrowMaskDecoder(nn.Module):
 
         if dim % 8 or dim <= 0:
             raise ValueError(f"decoder_dim must be a positive multiple of 8, got {dim}")
-        self.dim = dim
         self.proj = nn.Conv2d(in_dim, dim, 1)
         self.proj_s0 = nn.Conv2d(high_res_dims[0], dim // 8, 1)
         self.proj_s1 = nn.Conv2d(high_res_dims[1], dim // 4, 1)
@@ -120,23 +119,21 @@ def build_prompt_heads(config: LapSamConfig) -> tuple[nn.Module, nn.Module]:
     from sam2.modeling.sam.prompt_encoder import PromptEncoder
 
     s = config.student.input_size
+    pe = PromptEncoder(
+        embed_dim=config.decoder_dim,
+        image_embedding_size=(s // 16, s // 16),
+        input_image_size=(s, s),
+        mask_in_chans=16,
+    )
     if config.decoder_dim != EMBED_DIM:
         if config.decoder != "sam2":
             raise ValueError(f"decoder_dim {config.decoder_dim} is for the sam2 decoder, not {config.decoder!r}")
         if config.teacher_checkpoint:
             raise ValueError(f"decoder_dim {config.decoder_dim}: a teacher's decoder weights are {EMBED_DIM} wide; "
                              "use decoder_dim 256 with a teacher checkpoint")
-        pe = PromptEncoder(embed_dim=config.decoder_dim, image_embedding_size=(s // 16, s // 16),
-                           input_image_size=(s, s), mask_in_chans=16)
         return pe, NarrowMaskDecoder(config.decoder_dim)
     teacher_cfg, teacher_size = resolve_sam2_name(config.teacher)
     sam = build_sam2_model(teacher_cfg, config.teacher_checkpoint, teacher_size)
-    pe = PromptEncoder(
-        embed_dim=EMBED_DIM,
-        image_embedding_size=(s // 16, s // 16),
-        input_image_size=(s, s),
-        mask_in_chans=16,
-    )
     # Same parameter shapes whatever the grid: the teacher's weights carry over.
     pe.load_state_dict(sam.sam_prompt_encoder.state_dict())
     if config.decoder == "lite":
